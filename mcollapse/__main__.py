@@ -1,0 +1,3 @@
+from mcollapse.cli import main
+
+main()

@@ -1,0 +1,101 @@
+"""Command line: `mcollapse experiment=<name> model=<name> dataset=<name> [overrides]`.
+
+Hydra composes the config; this module seeds, dispatches `experiment.name` to
+`mcollapse.experiments.<name>.run`, turns user errors into one line, and keeps a failing sweep
+job from stopping the others (the sweep still exits non-zero at the end).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from mcollapse.config import register
+from mcollapse.errors import UserError
+from mcollapse.runtime import release_memory, seed_everything
+
+log = logging.getLogger("mcollapse")
+
+FAILURE_FILE = "failed.json"
+_failed_jobs: list[str] = []
+
+
+def config_dir() -> str:
+    """Configs ship inside the wheel (mcollapse/conf); a source checkout keeps them at the top."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise RuntimeError("mcollapse configs not found; the installation is incomplete")
+
+
+class SweepFailureReport(Callback):
+    """After a sweep, list the jobs that failed so the launcher can exit non-zero."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        for marker in sorted(sweep_dir.rglob(FAILURE_FILE)):
+            info = json.loads(marker.read_text())
+            _failed_jobs.append(f"{marker.parent}: {info.get('error')}")
+
+
+def _experiment(name: str):
+    try:
+        return importlib.import_module(f"mcollapse.experiments.{name}")
+    except ModuleNotFoundError:
+        raise UserError(f"experiment '{name}' has no implementation") from None
+
+
+def _run(cfg: DictConfig) -> None:
+    seed_everything(int(cfg.seed), cfg.threads)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    _experiment(cfg.experiment.name).run(cfg, run_dir)
+
+
+def _is_multirun() -> bool:
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+register()
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def _app(cfg: DictConfig) -> None:
+    try:
+        _run(cfg)
+    except Exception as err:  # noqa: BLE001 - a sweep job's failure must not end the sweep
+        if not _is_multirun():
+            if isinstance(err, UserError):
+                log.error("%s", err)
+                print(f"mcollapse: error: {err}", file=sys.stderr)
+                sys.exit(2)
+            raise
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log.error("job failed: %s\n%s", err, traceback.format_exc())
+        (run_dir / FAILURE_FILE).write_text(json.dumps({"error": f"{type(err).__name__}: {err}"}, indent=2))
+    finally:
+        release_memory()
+
+
+def main() -> None:
+    _app()
+    if _failed_jobs:
+        print(f"mcollapse: {len(_failed_jobs)} sweep job(s) failed:", file=sys.stderr)
+        for line in _failed_jobs:
+            print(f"  {line}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

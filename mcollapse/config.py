@@ -1,0 +1,87 @@
+"""Typed schemas for the config groups; YAML options under conf/ extend them.
+
+Registered in Hydra's ConfigStore as `<group>/base_<group>` so every option file can start with
+`defaults: [base_<group>, _self_]` and get type checking of user overrides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class PathsConfig:
+    name: str = "default"
+    data_root: str = "???"
+    cache_dir: str = "???"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "???"
+    family: str = "???"  # module under mcollapse.models
+    modality: str = "???"  # audio | image | text
+    hub_id: Optional[str] = None
+    revision: Optional[str] = None  # pinned hub commit
+    local_path: Optional[str] = None  # a local checkpoint dir replaces the hub id
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    prompt: str = ""
+    system_prompt: Optional[str] = None
+    batch_size: int = 8
+    audio_window_s: Optional[float] = None  # encoder window; longer clips are truncated and counted
+    hook_paths: dict[str, Any] = field(default_factory=dict)  # role -> explicit module path
+    build: Optional[str] = None  # offline builder name (tiny_*, smol_speech) when no hub checkpoint
+
+
+@dataclass
+class DatasetPart:
+    format: str = "???"  # librispeech | cremad | esc50 | coco
+    root: str = "???"
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "???"
+    modality: str = "???"
+    parts: list[DatasetPart] = field(default_factory=list)
+    info_types: list[str] = field(default_factory=list)
+    max_samples: Optional[int] = None
+    stratify_by: Optional[str] = None
+    lexical_rule: str = "reference"  # reference | sentence
+    lexical_top_k: int = 50
+    generate: Optional[str] = None  # synthetic generator run on first use when parts are missing
+    generate_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HookConfig:
+    name: str = "default"
+    roles: list[str] = field(
+        default_factory=lambda: ["encoder_output", "adapter_output", "llm_layer", "llm_final"]
+    )
+    llm_layer: int = 16
+    pooling: str = "all"  # all | modality
+
+
+@dataclass
+class ProbeConfig:
+    name: str = "default"
+    C: Optional[float] = 1.0  # None: reference rule C = 1 / (weight_decay * n_train)
+    weight_decay: Optional[float] = None
+    max_iter: int = 1000
+    tol: float = 1e-6
+    train_size: float = 0.8
+    seeds: list[int] = field(default_factory=lambda: [42, 43, 44, 45, 46])
+    min_samples: int = 20
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="paths", name="base_paths", node=PathsConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="dataset", name="base_dataset", node=DatasetConfig)
+    cs.store(group="hook", name="base_hook", node=HookConfig)
+    cs.store(group="probe", name="base_probe", node=ProbeConfig)

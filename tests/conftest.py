@@ -1,0 +1,20 @@
+"""Shared fixtures: an isolated cache and data root per session, tiny models built once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Tiny checkpoints and activations for the whole test session (built once, reused)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def shared_cache() -> Path:
+    """The user-level cache where provisioned real weights live (smol_speech), as the CLI uses it."""
+    return Path(os.environ.get("MCOLLAPSE_CACHE", Path.home() / ".cache" / "mcollapse"))
