@@ -1,0 +1,164 @@
+"""The interface every model family implements, so experiments never branch on the family.
+
+A family loads a checkpoint (hub id at a pinned revision, a local dir, or an offline build),
+says which module realises each hook role, and turns samples into model inputs together with
+the position masks that pooling needs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mcollapse.data.base import Sample
+
+ROLES = ("encoder_output", "adapter_output", "llm_layer", "llm_final")
+LLM_ROLES = ("llm_layer", "llm_final")
+
+
+@dataclass
+class Batch:
+    """Model inputs for one forward plus the masks pooling needs.
+
+    `frame_lengths` counts the valid encoder/adapter positions per sample (None: all valid, as
+    for fixed image patches); `token_mask` marks real (non-padding) LLM positions (B, L);
+    `modal_token_mask` marks the audio/image positions inside the LLM sequence (for text input:
+    the text's own tokens).
+    """
+
+    ids: list[str]
+    inputs: dict[str, torch.Tensor]
+    token_mask: torch.Tensor
+    modal_token_mask: torch.Tensor
+    frame_lengths: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
+        moved = {}
+        for name, value in self.inputs.items():
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+            moved[name] = value.to(device)
+        self.inputs = moved
+        return self
+
+
+class ModelFamily(ABC):
+    """One loaded model of a family. Subclasses set `modality` and implement the abstract parts."""
+
+    modality: str = "text"
+
+    def __init__(self, cfg, checkpoint: str | Path, device: torch.device, dtype: torch.dtype):
+        self.cfg = cfg
+        self.checkpoint = str(checkpoint)
+        self.device = device
+        self.dtype = dtype
+        self.model: nn.Module = self._load_model()
+        self.model.to(device).eval()
+        self.processor = self._load_processor()
+
+    @property
+    def revision(self) -> str | None:
+        return self.cfg.revision if not self.cfg.local_path and not self.cfg.build else None
+
+    def from_pretrained_kwargs(self) -> dict:
+        kwargs = {"dtype": self.dtype}
+        if self.revision:
+            kwargs["revision"] = self.revision
+        return kwargs
+
+    @abstractmethod
+    def _load_model(self) -> nn.Module: ...
+
+    @abstractmethod
+    def _load_processor(self): ...
+
+    @abstractmethod
+    def prepare(self, samples: list[Sample]) -> Batch:
+        """Modal input: the paper's prompt around one audio clip or image per sample."""
+
+    @abstractmethod
+    def prepare_text(self, ids: list[str], texts: list[str], fmt: str = "prompt") -> Batch:
+        """Text through this model's own LLM: `prompt` puts the text where the audio/image stood,
+        `raw` feeds the bare text (as the earlier text baselines did)."""
+
+    def adapter_module_names(self) -> tuple[str, ...]:
+        """Attribute names a family's modality projector goes by, searched in this order."""
+        return ("multi_modal_projector", "projector", "mm_projector")
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ROLES if self.modality != "text" else LLM_ROLES
+
+    def language_model_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+
+class ChatFamily(ModelFamily):
+    """Shared text handling for families whose prompt has one modality placeholder."""
+
+    placeholder: str = ""
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    @abstractmethod
+    def render_prompt(self) -> str:
+        """The full prompt text with exactly one `self.placeholder` where the media goes."""
+
+    def _adds_bos(self) -> bool:
+        tok = self.tokenizer
+        return tok.bos_token_id is not None and tok("a").input_ids[:1] == [tok.bos_token_id]
+
+    def prepare_text(self, ids: list[str], texts: list[str], fmt: str = "prompt") -> Batch:
+        tok = self.tokenizer
+        rows, modal = [], []
+        if fmt == "prompt":
+            prefix, sep, suffix = self.render_prompt().partition(self.placeholder)
+            if not sep:
+                raise ValueError("prompt has no modality placeholder to put the text in")
+            bos = [tok.bos_token_id] if self._adds_bos() and not prefix.startswith(tok.bos_token or "\0") else []
+            pre = bos + tok(prefix, add_special_tokens=False).input_ids
+            post = tok(suffix, add_special_tokens=False).input_ids
+            for text in texts:
+                body = tok(text, add_special_tokens=False).input_ids
+                rows.append(pre + body + post)
+                modal.append([0] * len(pre) + [1] * len(body) + [0] * len(post))
+        elif fmt == "raw":
+            for text in texts:
+                enc = tok(text, return_special_tokens_mask=True)
+                rows.append(list(enc.input_ids))
+                modal.append([1 - m for m in enc.special_tokens_mask])
+        else:
+            raise ValueError(f"unknown text format '{fmt}' (prompt | raw)")
+        return pad_token_rows(ids, rows, modal, pad_id=_pad_id(tok))
+
+
+def _pad_id(tok) -> int:
+    for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def pad_token_rows(ids: list[str], rows: list[list[int]], modal: list[list[int]], pad_id: int) -> Batch:
+    """Right-pad token rows into a Batch: valid positions keep the positions they have alone."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    modal_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (row, marks) in enumerate(zip(rows, modal)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+        modal_mask[i, : len(marks)] = torch.tensor(marks, dtype=torch.bool)
+    return Batch(
+        ids=list(ids),
+        inputs={"input_ids": input_ids, "attention_mask": attention},
+        token_mask=attention.bool(),
+        modal_token_mask=modal_mask,
+    )

@@ -1,0 +1,43 @@
+"""LLaVA-1.5 (llava-hf format) and its offline twin."""
+
+from __future__ import annotations
+
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from mcollapse.data.base import Sample
+from mcollapse.models.base import Batch, ChatFamily
+
+
+class LlavaFamily(ChatFamily):
+    modality = "image"
+    placeholder = "<image>"
+
+    def _load_model(self):
+        return LlavaForConditionalGeneration.from_pretrained(self.checkpoint, **self.from_pretrained_kwargs())
+
+    def _load_processor(self):
+        kwargs = {"revision": self.revision} if self.revision else {}
+        processor = AutoProcessor.from_pretrained(self.checkpoint, **kwargs)
+        processor.tokenizer.padding_side = "right"
+        return processor
+
+    def render_prompt(self) -> str:
+        """The paper's user message, wrapped in LLaVA-1.5's chat format when the checkpoint has one."""
+        user = self.cfg.prompt if self.placeholder in self.cfg.prompt else f"{self.placeholder}\n{self.cfg.prompt}"
+        if getattr(self.processor, "chat_template", None):
+            messages = [{"role": "user", "content": user}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return user
+
+    def prepare(self, samples: list[Sample]) -> Batch:
+        prompt = self.render_prompt()
+        enc = self.processor(
+            images=[s.image for s in samples], text=[prompt] * len(samples), return_tensors="pt", padding=True
+        )
+        image_token = self.model.config.image_token_id
+        return Batch(
+            ids=[s.id for s in samples],
+            inputs={k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values")},
+            token_mask=enc["attention_mask"].bool(),
+            modal_token_mask=enc["input_ids"] == image_token,
+        )
