@@ -1,0 +1,161 @@
+"""Datasets as records (ids, paths, text, raw label fields), media loaded on demand.
+
+`load_records(dataset_cfg)` reads every part of a dataset config with the loader for its
+`format` (librispeech, cremad, esc50, coco), generating synthetic sets first when the config
+names a generator. A generated dataset's part roots must be `<dir>/<subdir>` with the
+generator's subdir names (synthetic_speech: CREMA-D, ESC-50; synthetic_vision: coco); the
+generator writes into that shared parent `<dir>`. `select` picks a deterministic (optionally
+stratified) subset, `derive_labels` turns raw fields into probe classes, and `load_media`
+reads one record's audio or image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from types import ModuleType
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from mcollapse.data import coco, cremad, esc50, librispeech
+from mcollapse.data.base import SAMPLE_RATE, Record, Sample
+from mcollapse.data.generators import generate, generator, read_marker
+from mcollapse.data.labels import INFO_TYPE_FIELDS, LabelColumn, derive_labels
+from mcollapse.data.media import load_media
+from mcollapse.data.selection import natural_key, select
+from mcollapse.errors import DataError, UserError
+
+__all__ = [
+    "FORMATS",
+    "INFO_TYPE_FIELDS",
+    "SAMPLE_RATE",
+    "LabelColumn",
+    "Record",
+    "Sample",
+    "derive_labels",
+    "generate",
+    "load_media",
+    "load_records",
+    "select",
+]
+
+log = logging.getLogger(__name__)
+
+FORMATS: dict[str, ModuleType] = {
+    "librispeech": librispeech,
+    "cremad": cremad,
+    "esc50": esc50,
+    "coco": coco,
+}
+
+
+def _plain(value):
+    """OmegaConf containers as plain dicts/lists; anything else unchanged."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _generation_dir(name: str, roots: list[Path]) -> Path:
+    parents = {root.parent for root in roots}
+    if len(parents) != 1:
+        raise UserError(
+            f"dataset {name!r}: generated parts must share one parent directory, got "
+            + ", ".join(str(p) for p in sorted(parents))
+        )
+    return parents.pop()
+
+
+def _ensure_generated(name: str, generator_name: str, options: dict, roots: list[Path]) -> bool:
+    """Generate when parts are missing or were generated with other options; user data stays."""
+    out_dir = _generation_dir(name, roots)
+    if read_marker(out_dir) is None and all(root.is_dir() for root in roots):
+        return False  # provided by the user in the expected layout
+    generated = generate(generator_name, out_dir, options)
+    subdirs = generator(generator_name).SUBDIRS
+    for root in roots:
+        if not root.is_dir():
+            raise DataError(
+                f"dataset {name!r}: part root {root} is not one of the generated "
+                f"{', '.join(str(out_dir / s) for s in subdirs)}"
+            )
+    return generated
+
+
+def _fingerprint(parts: list[tuple[str, list[Record]]], marker: dict | None) -> str:
+    """Changes when ids, files (by size) or generator options change; cache keys can use it."""
+    digest = hashlib.sha256(json.dumps(marker, sort_keys=True).encode())
+    for fmt, records in parts:
+        for record in records:
+            size = record.path.stat().st_size
+            digest.update(f"{fmt}\0{record.id}\0{record.path.name}\0{size}\n".encode())
+    return digest.hexdigest()
+
+
+def load_records(dataset_cfg) -> tuple[list[Record], dict]:
+    """All records of a dataset config, sorted by id, and a summary of what was skipped and why.
+
+    The summary holds `n_records`, `skipped` ({"<format>: <reason>": count}), per-part counts,
+    whether a synthetic set was generated now, and a content `fingerprint`.
+    """
+    name = str(getattr(dataset_cfg, "name", "dataset"))
+    parts = list(dataset_cfg.parts or [])
+    if not parts:
+        raise UserError(f"dataset {name!r} has no parts")
+    for part in parts:
+        if part.format not in FORMATS:
+            raise UserError(
+                f"dataset {name!r}: unknown format {part.format!r}; known: {', '.join(FORMATS)}"
+            )
+    roots = [Path(str(part.root)).expanduser() for part in parts]
+    generator_name = getattr(dataset_cfg, "generate", None)
+    generated = False
+    marker = None
+    if generator_name:
+        options = _plain(getattr(dataset_cfg, "generate_options", None)) or {}
+        generated = _ensure_generated(name, generator_name, options, roots)
+        marker = read_marker(roots[0].parent)
+
+    records: list[Record] = []
+    skipped: Counter = Counter()
+    per_part = []
+    loaded: list[tuple[str, list[Record]]] = []
+    for part, root in zip(parts, roots):
+        module = FORMATS[part.format]
+        if not root.is_dir():
+            raise DataError(f"dataset {name!r}: {root} not found; expected {module.LAYOUT}")
+        try:
+            part_records, part_skipped = module.load_part(root)
+        except DataError as exc:
+            raise DataError(f"dataset {name!r}: {exc}") from exc
+        if not part_records:
+            raise DataError(
+                f"dataset {name!r}: no usable samples under {root}; expected {module.LAYOUT}"
+            )
+        for reason, count in sorted(part_skipped.items()):
+            skipped[f"{part.format}: {reason}"] += count
+            log.warning("%s (%s): skipped %d file(s): %s", name, root, count, reason)
+        per_part.append(
+            {"format": part.format, "root": str(root), "n_records": len(part_records),
+             "skipped": dict(sorted(part_skipped.items()))}
+        )  # fmt: skip
+        loaded.append((part.format, part_records))
+        records.extend(part_records)
+
+    duplicates = [i for i, n in Counter(r.id for r in records).items() if n > 1]
+    if duplicates:
+        raise DataError(f"dataset {name!r}: parts share sample ids, e.g. {min(duplicates)!r}")
+    records.sort(key=lambda r: natural_key(r.id))
+    info = {
+        "n_records": len(records),
+        "skipped": dict(sorted(skipped.items())),
+        "n_skipped": sum(skipped.values()),
+        "parts": per_part,
+        "generated": generated,
+        "generator": marker,
+        "fingerprint": _fingerprint(loaded, marker),
+    }
+    return records, info

@@ -1,0 +1,136 @@
+"""COCO val2017: images with captions and instance boxes, read with pycocotools.
+
+Per image, from its non-crowd boxes only (crowd regions are not single objects):
+
+* `object_category`: the category of the largest box (bbox w*h; ties -> lowest annotation id).
+  One salient object per image keeps the probe a single-label task; the largest box is the
+  object a caption most likely mentions. Images without a non-crowd box get no category.
+* `super_category`: that category's COCO supercategory.
+* `object_count`: number of non-crowd boxes (int, 0 allowed).
+* `avg_object_size`: mean of box area / image area (absent without boxes).
+* `spatial_spread`: population std of the distance of normalised box centres from (0.5, 0.5)
+  (absent with fewer than 2 boxes, where a spread is undefined).
+
+The text is the image's first caption by annotation id, so it never depends on file order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from mcollapse.data.base import Record
+from mcollapse.errors import DataError
+
+LAYOUT = (
+    "<root>/val2017/<image>.jpg with <root>/annotations/instances_val2017.json "
+    "and <root>/annotations/captions_val2017.json"
+)
+
+
+def _load_coco(path: Path):
+    """A pycocotools COCO index, quiet (it prints progress) and with a one-line error."""
+    from pycocotools.coco import COCO
+
+    if not path.is_file():
+        raise DataError(f"{path} not found; expected {LAYOUT}")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(str(path))
+    except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as exc:
+        raise DataError(f"{path} is not a COCO annotation file ({exc.__class__.__name__})") from exc
+
+
+def object_fields(boxes: list[dict], categories: dict[int, dict], width: float, height: float):
+    """The raw object fields of one image from its non-crowd annotations (see module doc)."""
+    fields: dict[str, object] = {"object_count": len(boxes)}
+    if not boxes:
+        return fields
+    largest = max(boxes, key=lambda a: (a["bbox"][2] * a["bbox"][3], -a["id"]))
+    category = categories[largest["category_id"]]
+    fields["object_category"] = category["name"]
+    fields["super_category"] = category["supercategory"]
+    sizes = [a["bbox"][2] * a["bbox"][3] / (width * height) for a in boxes]
+    fields["avg_object_size"] = float(np.mean(sizes))
+    if len(boxes) >= 2:
+        distances = [
+            math.hypot((x + w / 2) / width - 0.5, (y + h / 2) / height - 0.5)
+            for x, y, w, h in (a["bbox"] for a in boxes)
+        ]
+        fields["spatial_spread"] = float(np.std(distances))
+    return fields
+
+
+def _valid_box(bbox) -> bool:
+    """A COCO box is [x, y, width, height] with a positive size."""
+    return (
+        isinstance(bbox, (list, tuple))
+        and len(bbox) == 4
+        and all(isinstance(v, (int, float)) for v in bbox)
+        and bbox[2] > 0
+        and bbox[3] > 0
+    )
+
+
+def _first_captions(captions) -> dict[int, str]:
+    """Image id -> its caption with the lowest annotation id."""
+    first: dict[int, str] = {}
+    for ann in sorted(captions.dataset.get("annotations", []), key=lambda a: a["id"]):
+        text = str(ann.get("caption", "")).strip()
+        if text and ann["image_id"] not in first:
+            first[ann["image_id"]] = text
+    return first
+
+
+def load_part(root: Path) -> tuple[list[Record], Counter]:
+    """One record per annotated image whose file exists; the rest are counted."""
+    image_dir = root / "val2017"
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir} not found; expected {LAYOUT}")
+    instances = _load_coco(root / "annotations" / "instances_val2017.json")
+    captions = _first_captions(_load_coco(root / "annotations" / "captions_val2017.json"))
+    categories = instances.cats
+    skipped: Counter = Counter()
+    records: list[Record] = []
+    listed: set[str] = set()
+    for image_id in sorted(instances.imgs):
+        image = instances.imgs[image_id]
+        file_name = str(image.get("file_name", ""))
+        listed.add(file_name)
+        path = image_dir / file_name
+        width, height = image.get("width") or 0, image.get("height") or 0
+        if not file_name or width <= 0 or height <= 0:
+            skipped["malformed image entry"] += 1
+            continue
+        if not path.is_file():
+            skipped["missing image file"] += 1
+            continue
+        if path.stat().st_size == 0:
+            skipped["empty file"] += 1
+            continue
+        boxes = [a for a in instances.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        if any(a.get("category_id") not in categories for a in boxes):
+            skipped["annotation with unknown category"] += 1
+            continue
+        if not all(_valid_box(a.get("bbox")) for a in boxes):
+            skipped["malformed box"] += 1
+            continue
+        records.append(
+            Record(
+                id=str(image_id),
+                path=path.resolve(),
+                modality="image",
+                text=captions.get(image_id),
+                fields=object_fields(boxes, categories, float(width), float(height)),
+            )
+        )
+    unlisted = sum(1 for p in image_dir.glob("*.jpg") if p.name not in listed)
+    if unlisted:
+        skipped["image file not in annotations"] += unlisted
+    return records, skipped

@@ -1,0 +1,114 @@
+"""Synthetic dataset generators by name, installed atomically into the data directory.
+
+A generator writes real on-disk formats (CREMA-D, ESC-50, COCO layouts) so the ordinary loaders
+read them. `generate(name, out_dir, options)` writes into a sibling temp dir and renames it to
+`out_dir` only when complete, under a file lock: an interrupted generation leaves no partial set,
+and concurrent sweep jobs generate once. `out_dir/generated.json` records the generator and its
+resolved options; a set written with other options (or an older generator version) is replaced.
+A directory without that marker is the user's data and is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import uuid
+from pathlib import Path
+from types import ModuleType
+
+from filelock import FileLock
+
+from mcollapse.errors import DataError, UserError
+
+log = logging.getLogger(__name__)
+
+MARKER = "generated.json"
+
+
+def _modules() -> dict[str, ModuleType]:
+    from mcollapse.data import synthetic_speech, synthetic_vision
+
+    return {"synthetic_speech": synthetic_speech, "synthetic_vision": synthetic_vision}
+
+
+def generator(name: str) -> ModuleType:
+    """The generator module registered under `name`."""
+    modules = _modules()
+    if name not in modules:
+        raise UserError(f"unknown generator {name!r}; known: {', '.join(modules)}")
+    return modules[name]
+
+
+def resolve_options(name: str, options: dict | None) -> dict:
+    """The generator's defaults updated with `options`; unknown keys are a user error."""
+    module = generator(name)
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(module.DEFAULT_OPTIONS))
+    if unknown:
+        raise UserError(
+            f"unknown {name} option(s) {', '.join(unknown)}; known: {', '.join(module.DEFAULT_OPTIONS)}"
+        )
+    merged = {**module.DEFAULT_OPTIONS, **options}
+    try:  # JSON-normal (tuples -> lists), so a marker read back compares equal
+        return json.loads(json.dumps(merged))
+    except TypeError as exc:
+        raise UserError(f"{name} options must be plain values: {exc}") from exc
+
+
+def read_marker(out_dir: Path) -> dict | None:
+    """The marker of a generated set, or None for a missing dir or user data."""
+    try:
+        return json.loads((out_dir / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _stamp(name: str, options: dict) -> dict:
+    return {"generator": name, "version": generator(name).VERSION, "options": options}
+
+
+def is_current(name: str, out_dir: Path, options: dict | None) -> bool:
+    """Whether `out_dir` holds a complete set from this generator with these options."""
+    marker = read_marker(out_dir)
+    return marker is not None and marker == _stamp(name, resolve_options(name, options))
+
+
+def generate(name: str, out_dir: Path, options: dict | None = None) -> bool:
+    """Make `out_dir` hold the named synthetic set; returns whether anything was generated."""
+    module = generator(name)
+    resolved = resolve_options(name, options)
+    stamp = _stamp(name, resolved)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out_dir.parent / f".{out_dir.name}.lock")):
+        if read_marker(out_dir) == stamp:
+            return False
+        if out_dir.exists() and read_marker(out_dir) is None:
+            raise DataError(
+                f"{out_dir} exists but was not written by the {name} generator; "
+                "move it away or point paths.data_root elsewhere"
+            )
+        # leftovers of an interrupted run; safe to remove since we hold the lock
+        for pattern in (f".{out_dir.name}.tmp-*", f".{out_dir.name}.old-*"):
+            for stale in out_dir.parent.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        started = time.perf_counter()
+        try:
+            module.write(tmp, resolved)
+            (tmp / MARKER).write_text(json.dumps(stamp, indent=2, sort_keys=True), encoding="utf-8")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if out_dir.exists():  # an older generated set: swap, then delete it
+            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+        log.info("generated %s into %s in %.1f s", name, out_dir, time.perf_counter() - started)
+        return True

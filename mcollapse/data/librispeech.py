@@ -1,0 +1,73 @@
+"""LibriSpeech in the OpenSLR layout (e.g. test-clean untarred as it ships).
+
+Transcripts are kept exactly as written (LibriSpeech is upper case); the lexical label rule
+lowercases, and text baselines decide their own casing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+from mcollapse.data.base import Record
+from mcollapse.errors import DataError
+
+LAYOUT = (
+    "<root>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac "
+    "with <speaker>-<chapter>.trans.txt beside them"
+)
+_UTTERANCE_ID = re.compile(r"^(\d+)-(\d+)-(\d+)$")
+
+
+def _read_transcripts(paths: list[Path], skipped: Counter) -> dict[str, str]:
+    """Utterance id -> transcript from every `.trans.txt` (one `<utt-id> <TEXT>` per line)."""
+    transcripts: dict[str, str] = {}
+    for path in paths:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            utt_id, _, text = line.strip().partition(" ")
+            if not _UTTERANCE_ID.match(utt_id) or not text.strip():
+                skipped["malformed transcript line"] += 1
+                continue
+            transcripts[utt_id] = text.strip()
+    return transcripts
+
+
+def load_part(root: Path) -> tuple[list[Record], Counter]:
+    """Records for every utterance that has both a FLAC file and a transcript line."""
+    audio_files = sorted(root.glob("*/*/*.flac"))
+    transcript_files = sorted(root.glob("*/*/*.trans.txt"))
+    if not audio_files and not transcript_files:
+        raise DataError(f"{root} holds no LibriSpeech files; expected {LAYOUT}")
+    skipped: Counter = Counter()
+    transcripts = _read_transcripts(transcript_files, skipped)
+    records: list[Record] = []
+    seen: set[str] = set()
+    for path in audio_files:
+        match = _UTTERANCE_ID.match(path.stem)
+        if match is None:
+            skipped["malformed file name"] += 1
+            continue
+        seen.add(path.stem)
+        if path.stem not in transcripts:
+            skipped["no transcript line"] += 1
+            continue
+        if path.stat().st_size == 0:
+            skipped["empty file"] += 1
+            continue
+        speaker, chapter, _ = match.groups()
+        records.append(
+            Record(
+                id=path.stem,
+                path=path.resolve(),
+                modality="audio",
+                text=transcripts[path.stem],
+                fields={"speaker_id": speaker, "chapter_id": chapter},
+            )
+        )
+    missing_audio = len(transcripts.keys() - seen)
+    if missing_audio:
+        skipped["missing audio file"] += missing_audio
+    return records, skipped
