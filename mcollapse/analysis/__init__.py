@@ -1,0 +1,1 @@
+"""Pure numpy/torch analysis on arrays; no model code lives here."""
