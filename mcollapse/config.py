@@ -32,7 +32,9 @@ class ModelConfig:
     system_prompt: Optional[str] = None
     batch_size: int = 8
     audio_window_s: Optional[float] = None  # encoder window; longer clips are truncated and counted
-    hook_paths: dict[str, Any] = field(default_factory=dict)  # role -> explicit module path
+    hook_paths: dict[str, Optional[str]] = field(  # role -> explicit module path (None: by structure)
+        default_factory=lambda: dict.fromkeys(["encoder_output", "adapter_output", "llm_layer", "llm_final"])
+    )
     build: Optional[str] = None  # offline builder name (tiny_*, smol_speech) when no hub checkpoint
 
 

@@ -17,13 +17,13 @@ SAMPLE_RATE = 16_000
 
 @dataclass(frozen=True)
 class Record:
-    """One sample without its media. `fields` holds raw label fields (speaker_id, emotion, ...)."""
+    """One sample without its media. `fields` holds raw label fields (speaker_id, emotion, object_count, ...)."""
 
     id: str
     path: Path
     modality: str  # "audio" or "image"
     text: str | None = None  # transcript / caption fed to text baselines and used by lexical labels
-    fields: dict[str, str] = field(default_factory=dict)
+    fields: dict[str, str | int | float] = field(default_factory=dict)
 
 
 @dataclass

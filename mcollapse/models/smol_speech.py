@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 # Bump when the build recipe changes, so old checkpoints are not silently reused.
 FORMAT_VERSION = 1
+DEFAULT_WINDOW_S = 5  # synthetic clips are <= ~4 s; the encoder always runs the whole window
 
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_BOS_TOKEN = "<|audio_bos|>"
@@ -464,7 +465,7 @@ def _build_params(window_seconds: float, projector_seed: int) -> dict:
     }
 
 
-def smol_speech_dir(cache_dir: Path, window_seconds: float = 10.0, projector_seed: int = 0) -> Path:
+def smol_speech_dir(cache_dir: Path, window_seconds: float = DEFAULT_WINDOW_S, projector_seed: int = 0) -> Path:
     """Where the checkpoint for these build parameters lives (whether or not it is built yet)."""
     params = _build_params(window_seconds, projector_seed)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
@@ -472,14 +473,14 @@ def smol_speech_dir(cache_dir: Path, window_seconds: float = 10.0, projector_see
 
 
 def is_smol_speech_built(
-    cache_dir: Path, window_seconds: float = 10.0, projector_seed: int = 0
+    cache_dir: Path, window_seconds: float = DEFAULT_WINDOW_S, projector_seed: int = 0
 ) -> bool:
     """True when a complete checkpoint for these parameters is already in the cache."""
     return (smol_speech_dir(cache_dir, window_seconds, projector_seed) / BUILD_INFO_FILE).is_file()
 
 
 def ensure_smol_speech(
-    cache_dir: Path, window_seconds: float = 10.0, projector_seed: int = 0
+    cache_dir: Path, window_seconds: float = DEFAULT_WINDOW_S, projector_seed: int = 0
 ) -> Path:
     """Return the smol_speech checkpoint directory, building it on first use.
 

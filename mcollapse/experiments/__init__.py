@@ -1,0 +1,1 @@
+"""One module per experiment, each exposing run(cfg, run_dir). Experiments compose, never re-implement."""

@@ -1,0 +1,97 @@
+"""Steps most experiments share: the dataset selection and the cached modal/text activations."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from mcollapse.config import ModelConfig
+from mcollapse.data import load_records, select
+from mcollapse.data.base import Record
+from mcollapse.errors import UserError
+from mcollapse.extraction.extract import Extraction, count_longer_than, extract_modal, extract_text
+from mcollapse.models import load_model
+from mcollapse.report.output import RunRecorder
+from mcollapse.runtime import release_memory
+
+log = logging.getLogger(__name__)
+
+
+def recorder(cfg, run_dir: Path) -> RunRecorder:
+    identity = {"experiment": cfg.experiment.name, "model": cfg.model.name, "dataset": cfg.dataset.name}
+    return RunRecorder(run_dir, identity, extra_meta={"config": OmegaConf.to_container(cfg, resolve=True)})
+
+
+@dataclass
+class Selection:
+    records: list[Record]
+    fingerprint: str  # ids, file sizes and generator options of the whole dataset
+
+
+def selected_records(cfg, rec: RunRecorder) -> Selection:
+    with rec.stage("data"):
+        records, info = load_records(cfg.dataset)
+        chosen = select(records, cfg.dataset.max_samples, cfg.dataset.stratify_by, int(cfg.seed))
+    rec.counts.update({"n_found": len(records), "n_selected": len(chosen),
+                       "files_skipped_at_load": info.get("skipped", {})})
+    if not chosen:
+        raise UserError(f"dataset '{cfg.dataset.name}' has no samples")
+    log.info("dataset %s: %d samples found, %d selected", cfg.dataset.name, len(records), len(chosen))
+    return Selection(chosen, info["fingerprint"])
+
+
+def text_model_config(name: str, conf_dir: Path):
+    """A model option file by name, for the text baseline (loaded beside the run's model)."""
+    path = conf_dir / "model" / f"{name}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in (conf_dir / "model").glob("*.yaml"))
+        raise UserError(f"text.source '{name}' is not a model config ({', '.join(choices)}, self, none)")
+    loaded = OmegaConf.load(path)
+    loaded.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), loaded)
+
+
+@dataclass
+class ExtractedInputs:
+    modal: Extraction
+    text: Extraction | None
+
+
+def modal_and_text(cfg, rec: RunRecorder, selection: Selection) -> ExtractedInputs:
+    """Extract (or read from the cache) the modal activations, then the text side if asked."""
+    from mcollapse.cli import config_dir
+
+    cache_dir = Path(cfg.paths.cache_dir)
+    records = selection.records
+    dataset = {"name": cfg.dataset.name, "fingerprint": selection.fingerprint}
+    text_source = cfg.experiment.text.source if "text" in cfg.experiment else "none"
+    with rec.stage("load_model"):
+        family = load_model(cfg.model, cache_dir, cfg.device)
+    rec.extra_meta["checkpoint"] = family.checkpoint
+    family_modality = family.modality
+    with rec.stage("extract_modal"):
+        modal = extract_modal(family, records, dataset, cfg.hook, cache_dir, bool(cfg.strict), int(cfg.flush_every))
+    text = None
+    if text_source not in (None, "none"):
+        if text_source != "self":
+            del family
+            release_memory()
+            with rec.stage("load_text_model"):
+                family = load_model(text_model_config(text_source, Path(config_dir())), cache_dir, cfg.device)
+        with rec.stage("extract_text"):
+            text = extract_text(family, records, dataset, cfg.hook, cache_dir,
+                                fmt=cfg.experiment.text.format, flush_every=int(cfg.flush_every))
+    del family
+    release_memory()
+    rec.counts.update({
+        "n_modal": len(modal.activations.ids), "modal_skipped": modal.skipped,
+        "n_audio_cut_to_window": count_longer_than(records, cfg.model.audio_window_s)
+        if family_modality == "audio" else 0, "modal_rows_computed": modal.computed,
+    })
+    if text is not None:
+        rec.counts.update({"n_text": len(text.activations.ids), "text_skipped": len(text.skipped),
+                           "text_source": text_source})
+    return ExtractedInputs(modal, text)

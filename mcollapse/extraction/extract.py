@@ -1,0 +1,199 @@
+"""Fill the activation cache: one forward per batch captures every hook, pooled with masks.
+
+Modal input (audio/image in the paper's prompt) and text input (transcripts or captions through
+an LLM) go through the same loop; each is one cache entry, resumed where an interrupted run
+stopped, shared by every experiment and sweep job that asks for the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+import logging
+from dataclasses import dataclass, field
+
+import soundfile
+import torch
+
+from mcollapse.data import load_media
+from mcollapse.data.base import Record
+from mcollapse.errors import MediaError, UserError
+from mcollapse.extraction.cache import Activations, ActivationStore
+from mcollapse.extraction.hooks import capture
+from mcollapse.extraction.pooling import masked_mean
+from mcollapse.models.base import LLM_ROLES, Batch, ModelFamily
+from mcollapse.models.roles import HookTarget, resolve_hooks
+from mcollapse.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("all", "modality")
+
+
+@dataclass
+class Extraction:
+    activations: Activations
+    targets: list[HookTarget]
+    key: str
+    computed: int = 0  # rows computed in this run (0: served from cache)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _ids_digest(records: list[Record]) -> str:
+    return hashlib.sha256("\n".join(r.id for r in records).encode()).hexdigest()[:16]
+
+
+def _model_identity(family: ModelFamily) -> dict:
+    cfg = family.cfg
+    return {
+        "model": cfg.name,
+        "source": cfg.build or cfg.local_path or cfg.hub_id,
+        "checkpoint": Path(family.checkpoint).name if cfg.build else None,  # builder hash, not location
+        "revision": getattr(family.model.config, "_commit_hash", None) or family.revision,
+        "dtype": str(family.dtype),
+    }
+
+
+def _mask_for(target: HookTarget, batch: Batch, pooling: str, hidden: torch.Tensor) -> torch.Tensor:
+    """Encoder/adapter positions are all modal (valid frames only); LLM positions are pooled over
+    the whole valid sequence (`all`) or the audio/image (or text) positions (`modality`)."""
+    if target.role in LLM_ROLES:
+        return batch.token_mask if pooling == "all" else batch.modal_token_mask
+    width = hidden.shape[1]
+    if batch.frame_lengths is None:
+        return torch.ones(hidden.shape[:2], dtype=torch.bool)
+    return torch.arange(width)[None, :] < batch.frame_lengths[:, None]
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _store_batch(family, store, targets, batch: Batch, pooling: str) -> None:
+    inputs = dict(batch.to(family.device, family.dtype).inputs)
+    hidden = capture(family.model, targets, lambda: family.model(**inputs, use_cache=False))
+    vectors = {}
+    for target in targets:
+        tensor = hidden[target.name]
+        mask = _mask_for(target, batch, pooling, tensor)
+        vectors[target.name] = masked_mean(tensor, mask.to(tensor.device)).cpu().numpy()
+    try:
+        store.add(batch.ids, vectors)
+    except ValueError as err:
+        if "finite" in str(err).lower() or "nan" in str(err).lower():
+            raise UserError(f"non-finite activations: {err}") from None
+        raise
+
+
+def _run(family, records, targets, key_fields, cache_dir, batch_size, flush_every, make_batch, label,
+         size_of=None) -> Extraction:
+    """Compute the pending rows of one cache entry in batches of similar size (less padding).
+
+    The order is a pure function of the pending set, so a resumed run forms the same batches."""
+    store = ActivationStore(cache_dir, key_fields, [r.id for r in records], flush_every=flush_every)
+    computed = 0
+    with store.lock():
+        if not store.is_complete():
+            pending = set(store.pending_ids())
+            todo = [r for r in records if r.id in pending]
+            if size_of is not None:
+                todo.sort(key=size_of)
+            if len(todo) < len(records):
+                log.info("%s: resuming, %d of %d samples already cached", label, len(records) - len(todo), len(records))
+            with progress_bar(f"extract {label}", total=len(todo)) as advance:
+                for chunk in _batches(todo, batch_size):
+                    batch = make_batch(chunk, store)
+                    if batch is not None:
+                        _store_batch(family, store, targets, batch, key_fields["pooling"])
+                        computed += len(batch.ids)
+                    advance(len(chunk))
+            store.finalize()
+        else:
+            log.info("%s: served from cache %s", label, store.key)
+    activations = store.read()
+    return Extraction(activations, targets, store.key, computed, dict(activations.skipped))
+
+
+def audio_seconds(record: Record) -> float:
+    """A clip's duration from its file header (0 when unreadable: loading will report it)."""
+    try:
+        return float(soundfile.info(str(record.path)).duration)
+    except (RuntimeError, OSError):
+        return 0.0
+
+
+def count_longer_than(records: list[Record], seconds: float | None) -> int:
+    """Clips the encoder window cuts short, read from file headers (also on a cache hit)."""
+    if not seconds:
+        return 0
+    return sum(audio_seconds(r) > seconds + 1e-6 for r in records)
+
+
+def hook_targets(family: ModelFamily, hook_cfg, roles=None) -> list[HookTarget]:
+    wanted = [r for r in (roles or hook_cfg.roles) if r in family.roles]
+    return resolve_hooks(
+        family.model, wanted, int(hook_cfg.llm_layer), dict(family.cfg.hook_paths or {}),
+        family.adapter_module_names(),
+    )
+
+
+def extract_modal(family: ModelFamily, records: list[Record], dataset: dict, hook_cfg, cache_dir,
+                  strict: bool = False, flush_every: int = 64) -> Extraction:
+    """Audio/image samples in the model's prompt; unreadable media are skipped and counted.
+
+    `dataset` names the dataset and carries its fingerprint, so a regenerated or changed set never
+    reuses stale rows under the same sample ids."""
+    if hook_cfg.pooling not in POOLINGS:
+        raise UserError(f"hook.pooling '{hook_cfg.pooling}' is not one of {', '.join(POOLINGS)}")
+    targets = hook_targets(family, hook_cfg)
+    key = {
+        **_model_identity(family), "input": "modal", "dataset": dataset, "n": len(records),
+        "ids": _ids_digest(records), "hooks": [[t.name, t.path, t.capture] for t in targets],
+        "pooling": hook_cfg.pooling, "prompt": family.render_prompt(),
+        "window": family.cfg.audio_window_s,
+    }
+
+    def make_batch(chunk, store):
+        samples = []
+        for record in chunk:
+            try:
+                samples.append(load_media(record))
+            except MediaError as err:
+                if strict:
+                    raise UserError(f"sample {record.id} ({record.path}): {err}") from None
+                log.warning("skipping %s: %s", record.id, err)
+                store.add_skipped(record.id, str(err))
+        return family.prepare(samples) if samples else None
+
+    size_of = audio_seconds if family.modality == "audio" else None
+    return _run(family, records, targets, key, cache_dir, int(family.cfg.batch_size), flush_every,
+                make_batch, f"{family.cfg.name}/{dataset['name']}", size_of)
+
+
+def extract_text(family: ModelFamily, records: list[Record], dataset: dict, hook_cfg, cache_dir,
+                 fmt: str = "prompt", flush_every: int = 64) -> Extraction:
+    """Transcripts/captions through an LLM (the model's own, or a text baseline); LLM hooks only."""
+    targets = hook_targets(family, hook_cfg, roles=[r for r in hook_cfg.roles if r in LLM_ROLES])
+    if not targets:
+        raise UserError("text extraction needs an LLM hook (llm_layer or llm_final) in hook.roles")
+    prompt = family.render_prompt() if fmt == "prompt" and family.modality != "text" else None
+    key = {
+        **_model_identity(family), "input": f"text:{fmt}", "dataset": dataset, "n": len(records),
+        "ids": _ids_digest(records), "hooks": [[t.name, t.path, t.capture] for t in targets],
+        "pooling": hook_cfg.pooling, "prompt": prompt,
+    }
+
+    def make_batch(chunk, store):
+        usable = []
+        for record in chunk:
+            if record.text and record.text.strip():
+                usable.append(record)
+            else:
+                store.add_skipped(record.id, "no text")
+        if not usable:
+            return None
+        return family.prepare_text([r.id for r in usable], [r.text for r in usable], fmt=fmt)
+
+    return _run(family, records, targets, key, cache_dir, int(family.cfg.batch_size), flush_every,
+                make_batch, f"{family.cfg.name}/{dataset['name']} text", lambda r: len(r.text or ""))

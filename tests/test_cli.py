@@ -1,0 +1,156 @@
+"""The CLI end to end on tiny models: output contract, sweeps, failures, resume, user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_SPEECH = [
+    "dataset.generate_options.n_speakers=4", "dataset.generate_options.n_per_class=8",
+    "dataset.max_samples=96",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, cache_dir):
+    data = tmp_path_factory.mktemp("data")
+    return {**os.environ, "MCOLLAPSE_DATA": str(data), "MCOLLAPSE_CACHE": str(cache_dir),
+            "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+
+
+def mcollapse(args, cwd, env, check=True, timeout=600):
+    proc = subprocess.run([sys.executable, "-m", "mcollapse", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def only_run_dir(root: Path) -> Path:
+    dirs = [p for p in root.iterdir() if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def test_single_run_writes_the_output_contract(tmp_path, env):
+    mcollapse(["model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH], tmp_path, env)
+    run = only_run_dir(tmp_path / "outputs" / "probe" / "tiny_qwen2audio" / "synthetic_speech")
+    for name in ("results.json", "results.csv", "meta.json", "probe_accuracy.png", ".hydra/config.yaml"):
+        assert (run / name).exists(), name
+    assert list(run.glob("*.log"))
+    results = json.loads((run / "results.json").read_text())
+    assert results["summary"]["hooks"] == ["encoder_output", "adapter_output", "llm_layer_16", "llm_final"]
+    modal = results["summary"]["probes"]["modal"]
+    assert {"speaker", "emotion", "lexical"} <= set(modal)
+    assert set(modal["speaker"]) == set(results["summary"]["hooks"])
+    row = results["rows"][0]
+    assert list(row)[:8] == ["experiment", "model", "dataset", "hook", "info_type", "seed", "metric", "value"]
+    assert {r["seed"] for r in results["rows"]} == {42, 43, 44, 45, 46}
+    assert "text" in results["summary"]["probes"]
+    header = (run / "results.csv").read_text().splitlines()[0]
+    assert header.startswith("experiment,model,dataset,hook,info_type,seed,metric,value")
+    meta = json.loads((run / "meta.json").read_text())
+    assert {"git_sha", "packages", "device", "stage_seconds", "counts"} <= set(meta)
+    assert meta["counts"]["n_selected"] == 96 and meta["stage_seconds"]["extract_modal"] > 0
+
+
+def test_sweep_isolates_a_failing_job_and_exits_nonzero(tmp_path, env):
+    proc = mcollapse(["-m", "model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
+                      "seed=42,43", "hook.llm_layer=16,99", "experiment.text.source=none"],
+                     tmp_path, env, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "2 sweep job(s) failed" in proc.stderr
+    sweep = next((tmp_path / "multirun").glob("*/*"))
+    base = sweep / "probe" / "tiny_qwen2audio" / "synthetic_speech"
+    for seed in (42, 43):
+        jobs = {p.name: p for p in (base / f"seed={seed}").iterdir()}  # other overrides name the subdir
+        assert len(jobs) == 2, jobs
+        good = next(p for n, p in jobs.items() if "hook.llm_layer=16" in n)
+        bad = next(p for n, p in jobs.items() if "hook.llm_layer=99" in n)
+        assert (good / "results.json").is_file() and not (good / "failed.json").exists()
+        assert "out of range" in json.loads((bad / "failed.json").read_text())["error"]
+
+
+def test_tiny_llava_on_synthetic_vision(tmp_path, env):
+    mcollapse(["model=tiny_llava", "dataset=synthetic_vision", "dataset.max_samples=120"], tmp_path, env)
+    run = only_run_dir(tmp_path / "outputs" / "probe" / "tiny_llava" / "synthetic_vision")
+    modal = json.loads((run / "results.json").read_text())["summary"]["probes"]["modal"]
+    assert {"object_category", "super_category", "object_count"} <= set(modal)
+
+
+def test_text_baseline_from_another_model(tmp_path, env):
+    mcollapse(["model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
+               "experiment.text.source=tiny_llama", "hook.roles=[adapter_output,llm_final]"], tmp_path, env)
+    run = only_run_dir(tmp_path / "outputs" / "probe" / "tiny_qwen2audio" / "synthetic_speech")
+    summary = json.loads((run / "results.json").read_text())["summary"]
+    assert set(summary["probes"]["text"]["lexical"]) == {"llm_final"}
+
+
+def test_missing_data_dir_is_one_clear_line(tmp_path, env):
+    proc = mcollapse(["dataset=librispeech", f"paths.data_root={tmp_path / 'nowhere'}", "model=tiny_qwen2audio"],
+                     tmp_path, env, check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("mcollapse: error:") and "nowhere" in line and ".flac" in line
+
+
+def test_unknown_model_lists_the_choices(tmp_path, env):
+    proc = mcollapse(["model=no_such_model"], tmp_path, env, check=False)
+    assert proc.returncode != 0 and "smol_speech" in proc.stderr
+
+
+def test_cfg_job_prints_the_config(tmp_path, env):
+    proc = mcollapse(["--cfg", "job", "model=llava", "dataset=coco", "probe.C=0.5", "hook.llm_layer=8"], tmp_path, env)
+    assert "llava-hf/llava-1.5-7b-hf" in proc.stdout and "llm_layer: 8" in proc.stdout and "C: 0.5" in proc.stdout
+
+
+def _arrays(cache: Path) -> dict:
+    out = {}
+    for path in sorted((cache / "activations").glob("*/activations.h5")):
+        with h5py.File(path) as f:
+            out[path.parent.name] = {k: f["vectors"][k][()] for k in f["vectors"]} | {"ids": f["ids"][()]}
+    return out
+
+
+def test_extraction_resumes_after_kill_9_with_identical_arrays(tmp_path, env, cache_dir):
+    args = ["experiment=extract", "model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
+            "model.batch_size=4", "flush_every=4", "experiment.text.source=none"]
+    from mcollapse.models.tiny import ensure_tiny_checkpoint
+
+    ensure_tiny_checkpoint("tiny_qwen2audio", cache_dir)
+    killed_env = {**env, "MCOLLAPSE_CACHE": str(tmp_path / "killed")}
+    # tiny checkpoints are reused from the shared cache so only activations differ
+    (tmp_path / "killed").mkdir()
+    os.symlink(cache_dir / "models", tmp_path / "killed" / "models")
+    proc = subprocess.Popen([sys.executable, "-m", "mcollapse", *args], cwd=tmp_path, env=killed_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "killed").glob("activations/*/shards/shard-*.h5")):
+        time.sleep(0.05)
+    shards_before = list((tmp_path / "killed").glob("activations/*/shards/shard-*.h5"))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert shards_before, "extraction never flushed a shard"
+    assert not list((tmp_path / "killed").glob("activations/*/activations.h5")), "killed too late"
+    mcollapse(args, tmp_path, killed_env)
+    clean_env = {**env, "MCOLLAPSE_CACHE": str(tmp_path / "clean")}
+    (tmp_path / "clean").mkdir()
+    os.symlink(cache_dir / "models", tmp_path / "clean" / "models")
+    mcollapse(args, tmp_path, clean_env)
+    resumed, clean = _arrays(tmp_path / "killed"), _arrays(tmp_path / "clean")
+    assert resumed.keys() == clean.keys() and resumed
+    for key in clean:
+        assert len(set(resumed[key]["ids"])) == len(resumed[key]["ids"]) == 96
+        for name, array in clean[key].items():
+            np.testing.assert_array_equal(resumed[key][name], array)
