@@ -25,8 +25,8 @@ import pytest  # noqa: E402
 
 from mcollapse.extraction.cache import (  # noqa: E402
     FORMAT_VERSION,
-    ActivationStore,
     Activations,
+    ActivationStore,
     cache_key,
 )
 

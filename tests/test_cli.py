@@ -154,3 +154,30 @@ def test_extraction_resumes_after_kill_9_with_identical_arrays(tmp_path, env, ca
         assert len(set(resumed[key]["ids"])) == len(resumed[key]["ids"]) == 96
         for name, array in clean[key].items():
             np.testing.assert_array_equal(resumed[key][name], array)
+
+
+@pytest.mark.slow
+def test_default_run_on_real_small_weights(tmp_path, env, shared_cache):
+    """`mcollapse` with no arguments: smol_speech x synthetic_speech, offline, within minutes."""
+    from mcollapse.models.smol_speech import ModelSourceError, ensure_smol_speech
+
+    try:
+        ensure_smol_speech(shared_cache)  # provisioned once per machine, as a user's first run does
+    except ModelSourceError as err:
+        pytest.skip(f"smol_speech cannot be provisioned here: {err}")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for shared in ("models", "downloads"):
+        os.symlink(shared_cache / shared, cache / shared)
+    started = time.perf_counter()
+    mcollapse([], tmp_path, {**env, "MCOLLAPSE_CACHE": str(cache)}, timeout=900)
+    wall = time.perf_counter() - started
+    run = only_run_dir(tmp_path / "outputs" / "probe" / "smol_speech" / "synthetic_speech")
+    results = json.loads((run / "results.json").read_text())
+    modal = results["summary"]["probes"]["modal"]
+    assert {"lexical", "speaker", "emotion", "acoustic"} <= set(modal)
+    assert results["counts"]["n_selected"] == 200
+    # real weights carry speaker identity well above chance at the encoder
+    assert modal["speaker"]["encoder_output"]["accuracy_mean"] > 3 * modal["speaker"]["encoder_output"]["chance"]
+    assert (run / "probe_accuracy.png").stat().st_size > 10_000
+    print(f"default run wall time: {wall:.0f} s")

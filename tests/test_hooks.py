@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mcollapse.extraction.hooks import capture
 from mcollapse.extraction.extract import _mask_for
+from mcollapse.extraction.hooks import capture
 from mcollapse.extraction.pooling import masked_mean
 from mcollapse.models import load_model
 from mcollapse.models.roles import HookResolutionError, resolve_hooks

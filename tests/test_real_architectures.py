@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                          Qwen2AudioConfig, Qwen2AudioForConditionalGeneration)
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2AudioConfig,
+    Qwen2AudioForConditionalGeneration,
+)
 
 from mcollapse.models.roles import resolve_hooks
 

@@ -8,9 +8,9 @@ stopped, shared by every experiment and sweep job that asks for the same key.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import soundfile
 import torch

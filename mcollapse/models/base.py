@@ -7,6 +7,7 @@ the position masks that pooling needs.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,11 +66,15 @@ class ModelFamily(ABC):
     def revision(self) -> str | None:
         return self.cfg.revision if not self.cfg.local_path and not self.cfg.build else None
 
-    def from_pretrained_kwargs(self) -> dict:
-        kwargs = {"dtype": self.dtype}
-        if self.revision:
-            kwargs["revision"] = self.revision
+    def hub_kwargs(self) -> dict:
+        """Revision pin, and no network at all when HF_HUB_OFFLINE is set (read now, not at import)."""
+        kwargs = {"revision": self.revision} if self.revision else {}
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            kwargs["local_files_only"] = True
         return kwargs
+
+    def from_pretrained_kwargs(self) -> dict:
+        return {"dtype": self.dtype, **self.hub_kwargs()}
 
     @abstractmethod
     def _load_model(self) -> nn.Module: ...

@@ -18,8 +18,7 @@ class CausalLMFamily(ChatFamily):
         return AutoModelForCausalLM.from_pretrained(self.checkpoint, **self.from_pretrained_kwargs())
 
     def _load_processor(self):
-        kwargs = {"revision": self.revision} if self.revision else {}
-        tokenizer = AutoTokenizer.from_pretrained(self.checkpoint, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(self.checkpoint, **self.hub_kwargs())
         tokenizer.padding_side = "right"
         return tokenizer
 
@@ -27,7 +26,9 @@ class CausalLMFamily(ChatFamily):
         raise UserError(f"model '{self.cfg.name}' is text-only: it takes no audio or image prompt")
 
     def prepare(self, samples: list[Sample]) -> Batch:
-        raise UserError(f"model '{self.cfg.name}' is text-only; use it as a text baseline (text.source={self.cfg.name})")
+        raise UserError(
+            f"model '{self.cfg.name}' is text-only; use it as a text baseline (experiment.text.source={self.cfg.name})"
+        )
 
     def prepare_text(self, ids: list[str], texts: list[str], fmt: str = "raw") -> Batch:
         return super().prepare_text(ids, texts, fmt="raw")

@@ -16,8 +16,7 @@ class LlavaFamily(ChatFamily):
         return LlavaForConditionalGeneration.from_pretrained(self.checkpoint, **self.from_pretrained_kwargs())
 
     def _load_processor(self):
-        kwargs = {"revision": self.revision} if self.revision else {}
-        processor = AutoProcessor.from_pretrained(self.checkpoint, **kwargs)
+        processor = AutoProcessor.from_pretrained(self.checkpoint, **self.hub_kwargs())
         processor.tokenizer.padding_side = "right"
         return processor
 

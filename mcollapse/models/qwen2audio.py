@@ -24,8 +24,7 @@ class Qwen2AudioFamily(ChatFamily):
         return Qwen2AudioForConditionalGeneration.from_pretrained(self.checkpoint, **self.from_pretrained_kwargs())
 
     def _load_processor(self):
-        kwargs = {"revision": self.revision} if self.revision else {}
-        processor = AutoProcessor.from_pretrained(self.checkpoint, **kwargs)
+        processor = AutoProcessor.from_pretrained(self.checkpoint, **self.hub_kwargs())
         processor.tokenizer.padding_side = "right"
         return processor
 
@@ -37,9 +36,8 @@ class Qwen2AudioFamily(ChatFamily):
         messages = []
         if self.cfg.system_prompt:
             messages.append({"role": "system", "content": self.cfg.system_prompt})
-        messages.append(
-            {"role": "user", "content": [{"type": "audio", "audio_url": "audio"}, {"type": "text", "text": self.cfg.prompt}]}
-        )
+        content = [{"type": "audio", "audio_url": "audio"}, {"type": "text", "text": self.cfg.prompt}]
+        messages.append({"role": "user", "content": content})
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def prepare(self, samples: list[Sample]) -> Batch:
