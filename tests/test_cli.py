@@ -181,3 +181,27 @@ def test_default_run_on_real_small_weights(tmp_path, env, shared_cache):
     assert modal["speaker"]["encoder_output"]["accuracy_mean"] > 3 * modal["speaker"]["encoder_output"]["chance"]
     assert (run / "probe_accuracy.png").stat().st_size > 10_000
     print(f"default run wall time: {wall:.0f} s")
+
+
+def test_corrupt_audio_is_skipped_and_listed_or_fatal_when_strict(tmp_path, env):
+    mcollapse(["experiment=extract", "model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
+               "experiment.text.source=none"], tmp_path, env)  # makes sure the synthetic set exists
+    source = Path(env["MCOLLAPSE_DATA"]) / "synthetic_speech" / "CREMA-D" / "AudioWAV"
+    clips = sorted(source.glob("*.wav"))[:40]
+    target = tmp_path / "data" / "CREMA-D" / "AudioWAV"
+    target.mkdir(parents=True)
+    for clip in clips:
+        (target / clip.name).write_bytes(clip.read_bytes())
+    (target / clips[3].name).write_bytes(b"RIFF not really a wave file")
+    (target / "notes.wav").write_bytes(b"")  # malformed name: skipped at indexing
+    args = ["model=tiny_qwen2audio", "dataset=cremad", f"paths.data_root={tmp_path / 'data'}",
+            "experiment.text.source=none", "hook.roles=[adapter_output]"]
+    mcollapse(args, tmp_path, env)
+    run = only_run_dir(tmp_path / "outputs" / "probe" / "tiny_qwen2audio" / "cremad")
+    counts = json.loads((run / "results.json").read_text())["counts"]
+    assert counts["n_selected"] == 40 and counts["n_modal"] == 39
+    assert list(counts["modal_skipped"]) == [clips[3].stem]
+    assert sum(counts["files_skipped_at_load"].values()) == 1
+    proc = mcollapse([*args, "strict=true"], tmp_path / "data", env, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert clips[3].stem in proc.stderr.strip().splitlines()[-1]

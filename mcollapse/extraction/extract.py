@@ -81,8 +81,8 @@ def _store_batch(family, store, targets, batch: Batch, pooling: str) -> None:
     try:
         store.add(batch.ids, vectors)
     except ValueError as err:
-        if "finite" in str(err).lower() or "nan" in str(err).lower():
-            raise UserError(f"non-finite activations: {err}") from None
+        if "non-finite" in str(err):
+            raise UserError(str(err)) from None
         raise
 
 
@@ -167,8 +167,12 @@ def extract_modal(family: ModelFamily, records: list[Record], dataset: dict, hoo
         return family.prepare(samples) if samples else None
 
     size_of = audio_seconds if family.modality == "audio" else None
-    return _run(family, records, targets, key, cache_dir, int(family.cfg.batch_size), flush_every,
-                make_batch, f"{family.cfg.name}/{dataset['name']}", size_of)
+    extraction = _run(family, records, targets, key, cache_dir, int(family.cfg.batch_size), flush_every,
+                      make_batch, f"{family.cfg.name}/{dataset['name']}", size_of)
+    if strict and extraction.skipped:  # also when the skips were recorded by an earlier, lenient run
+        first, reason = next(iter(extraction.skipped.items()))
+        raise UserError(f"{len(extraction.skipped)} unreadable sample(s), first {first}: {reason}")
+    return extraction
 
 
 def extract_text(family: ModelFamily, records: list[Record], dataset: dict, hook_cfg, cache_dir,
