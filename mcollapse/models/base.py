@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,7 +36,6 @@ class Batch:
     token_mask: torch.Tensor
     modal_token_mask: torch.Tensor
     frame_lengths: torch.Tensor | None = None
-    meta: dict = field(default_factory=dict)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
         moved = {}
@@ -98,9 +97,6 @@ class ModelFamily(ABC):
     @property
     def roles(self) -> tuple[str, ...]:
         return ROLES if self.modality != "text" else LLM_ROLES
-
-    def language_model_input_embeddings(self) -> nn.Module:
-        return self.model.get_input_embeddings()
 
 
 class ChatFamily(ModelFamily):
