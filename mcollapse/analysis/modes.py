@@ -10,9 +10,9 @@ of text representations taken in the same space, around the text mean. rho_k ~ 1
 seen this kind of variation during training (text-aligned, TA); rho_k ~ 0: it has not
 (modality-specific, MS, rho_k < ms_threshold, the paper's strict ``<``).
 
-The basis comes from a thin SVD of the centred data, never from a d x d eigendecomposition: with
-fewer samples than dimensions Sigma_M has a null space whose eigenvalues are rounding noise and
-whose rho values explode, so only modes inside the numerical rank are returned. u_k^T Sigma_T u_k
+The basis comes from a thin SVD of the centred data, never from a d x d covariance when there are
+fewer samples than dimensions: Sigma_M then has a null space whose eigenvalues are rounding noise
+and whose rho values explode, so only modes inside the numerical rank are returned. u_k^T Sigma_T u_k
 is the variance of the text projections, so no d x d matrix is formed anywhere.
 
 The basis and its MS/TA labels are computed once per model x dataset and saved (`save_basis`) for
@@ -92,10 +92,15 @@ class Eigenbasis:
 
 
 def eigenbasis(X, n_modes: int = 100) -> Eigenbasis:
-    """Top ``n_modes`` eigenvectors of the sample covariance of X (n, d), from a thin SVD.
+    """Top ``n_modes`` eigenvectors of the sample covariance of X (n, d), from a thin SVD of the centred data.
 
-    Fewer modes are returned when the centred data has lower numerical rank (at most n - 1), with
-    a warning: modes beyond the rank are arbitrary null-space directions with ~0 eigenvalues.
+    The SVD is taken through the Gram matrix of the smaller side: with n < d the n x n matrix
+    Xc Xc^T, whose eigenvectors v_k give u_k = Xc^T v_k / s_k; otherwise the d x d scatter
+    Xc^T Xc. For the top modes this agrees with a direct SVD to rounding (squaring only costs
+    precision in modes carrying < ~1e-12 of the top variance, which the rank cut drops) and is
+    several times faster for activation-sized matrices. Fewer modes are returned, with a warning,
+    when the centred data has lower numerical rank (at most n - 1): modes past the rank would be
+    arbitrary null-space directions with ~0 eigenvalues and exploding rho.
     """
     if n_modes < 1:
         raise ValueError(f"n_modes must be positive, got {n_modes}")
@@ -103,25 +108,30 @@ def eigenbasis(X, n_modes: int = 100) -> Eigenbasis:
     n, d = data.shape
     mean = data.mean(axis=0)
     centred = data - mean
-    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
-    tolerance = singular[0] * max(n, d) * np.finfo(np.float64).eps if singular.size else 0.0
-    rank = int(np.count_nonzero(singular > tolerance))
+    wide = n < d
+    values, eigenvectors = np.linalg.eigh(centred @ centred.T if wide else centred.T @ centred)
+    values, eigenvectors = values[::-1], eigenvectors[:, ::-1]  # descending
+    tolerance = max(values[0], 0.0) * max(n, d) * np.finfo(np.float64).eps * 10
+    rank = int(np.count_nonzero(values > tolerance))
     if rank == 0:
         raise ValueError("modal data has no variance; there are no modes")
     k = min(n_modes, rank)
     if k < n_modes:
         logger.warning("only %d of the %d requested modes exist (rank of %d centred samples in %d dims)",
                        k, n_modes, n, d)
-    vectors = vt[:k].copy()
+    if wide:
+        vectors = (centred.T @ eigenvectors[:, :k]).T
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    else:
+        vectors = np.ascontiguousarray(eigenvectors[:, :k].T)
     pivots = np.argmax(np.abs(vectors), axis=1)
-    signs = np.sign(vectors[np.arange(k), pivots])
-    vectors *= signs[:, None]
+    vectors *= np.sign(vectors[np.arange(k), pivots])[:, None]
     scale = 1.0 / (n - 1)
     return Eigenbasis(
         mean=mean,
         vectors=vectors,
-        eigenvalues=singular[:k] ** 2 * scale,
-        total_variance=float(np.sum(singular**2) * scale),
+        eigenvalues=values[:k] * scale,
+        total_variance=float(np.einsum("ij,ij->", centred, centred) * scale),
         n_samples=n,
     )
 
