@@ -1,7 +1,7 @@
 """Batched one-pass extraction vs one forward per sample (the earlier code's shape).
 
-Both sides use the same model and the same in-memory clips; ours batches, captures every hook in
-one pass that stops after the deepest hook, and pools with masks; the baseline runs the full
+Both sides use the same model and the same in-memory clips; ours batches clips of similar length,
+captures every hook in one pass that stops after the deepest hook, and pools with masks; the baseline runs the full
 model (LM head included) once per sample. Prints samples/s for each and the ratio, plus the
 largest difference between the two sides' pooled vectors.
 
@@ -29,13 +29,17 @@ from tests.helpers import audio_samples, model_cfg
 
 
 def ours(family, targets, samples, batch_size):
+    """The pipeline's shape: batches of similar length (as extraction orders them), one pass each."""
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].audio))
+    samples = [samples[i] for i in order]
     out = []
     for start in range(0, len(samples), batch_size):
         batch = family.prepare(samples[start : start + batch_size])
         inputs = dict(batch.inputs)
         hidden = capture(family.model, targets, lambda: family.model(**inputs, use_cache=False))
         out.append({t.name: masked_mean(hidden[t.name], _mask_for(t, batch, "all", hidden[t.name])) for t in targets})
-    return {t.name: torch.cat([o[t.name] for o in out]) for t in targets}
+    restore = torch.argsort(torch.tensor(order))
+    return {t.name: torch.cat([o[t.name] for o in out])[restore] for t in targets}
 
 
 def per_sample_full_forward(family, targets, samples):

@@ -56,7 +56,24 @@ def _experiment(name: str):
         raise UserError(f"experiment '{name}' has no implementation") from None
 
 
+def _configure_console() -> None:
+    """Rich log lines and progress bars on a terminal; plain, bar-free output otherwise."""
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                root.removeHandler(handler)
+        root.addHandler(RichHandler(show_path=False, rich_tracebacks=False))
+    else:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _run(cfg: DictConfig) -> None:
+    _configure_console()
     seed_everything(int(cfg.seed), cfg.threads)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     _experiment(cfg.experiment.name).run(cfg, run_dir)
