@@ -205,3 +205,16 @@ def test_corrupt_audio_is_skipped_and_listed_or_fatal_when_strict(tmp_path, env)
     proc = mcollapse([*args, "strict=true"], tmp_path / "data", env, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert clips[3].stem in proc.stderr.strip().splitlines()[-1]
+
+
+def test_wasserstein_between_modal_and_text_of_the_same_llm(tmp_path, env):
+    mcollapse(["experiment=wasserstein", "model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
+               "experiment.n_bootstrap=10"], tmp_path, env)
+    run = only_run_dir(tmp_path / "outputs" / "wasserstein" / "tiny_qwen2audio" / "synthetic_speech")
+    summary = json.loads((run / "results.json").read_text())["summary"]
+    assert summary["hook"] == "llm_layer_16" and summary["n_a"] == 96
+    assert summary["w1_ci_low"] <= summary["w1"] <= summary["w1_ci_high"]
+    assert summary["null_w1"] is not None and (run / "w1_clouds.png").is_file()
+    refused = mcollapse(["experiment=wasserstein", "model=tiny_qwen2audio", "experiment.text.source=tiny_llama"],
+                        tmp_path, env, check=False)
+    assert refused.returncode == 2 and "must be self" in refused.stderr
