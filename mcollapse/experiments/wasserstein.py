@@ -43,8 +43,8 @@ def _figure(a: np.ndarray, b: np.ndarray, result, hook: str, path: Path, title: 
     fig, ax = plt.subplots(figsize=(6.2, 5))
     ax.scatter(pa[:, 0], pa[:, 1], s=8, alpha=0.6, label=f"modal (n={len(a)})")
     ax.scatter(pb[:, 0], pb[:, 1], s=8, alpha=0.6, label=f"text (n={len(b)})")
-    ax.set_xlabel(f"PC1 ({ratios[0]:.0%} of union variance)")
-    ax.set_ylabel(f"PC2 ({ratios[1]:.0%})")
+    ax.set_xlabel(f"PC1 ({ratios[0]:.1%} of union variance)")
+    ax.set_ylabel(f"PC2 ({ratios[1]:.2%})")
     lines = [f"W1 = {result.w1:.2f} [{result.ci[0]:.2f}, {result.ci[1]:.2f}] in {result.dims} dims"]
     if result.null_w1 is not None:
         lines.append(f"text-vs-text null = {result.null_w1:.2f}; excess = {result.excess_w1:.2f}")
