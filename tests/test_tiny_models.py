@@ -40,13 +40,24 @@ def file_bytes(directory: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
 
 
-def capture_output(module: torch.nn.Module, store: dict, key: str):
-    """Forward hook storing a module's (first) output tensor under `key`."""
+def forward_capturing(model: torch.nn.Module, inputs, modules: dict[str, torch.nn.Module]):
+    """A full forward (logits included) that also keeps each named module's (first) output."""
+    captured: dict[str, torch.Tensor] = {}
 
-    def hook(_module, _inputs, output):
-        store[key] = output[0] if isinstance(output, tuple) else output
+    def keeper(key):
+        def hook(_module, _inputs, output):
+            captured[key] = output[0] if isinstance(output, tuple) else output
 
-    return module.register_forward_hook(hook)
+        return hook
+
+    handles = [module.register_forward_hook(keeper(key)) for key, module in modules.items()]
+    try:
+        with torch.no_grad():
+            output = model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return output, captured
 
 
 def test_checkpoints_are_small_hf_dirs_named_by_fingerprint(checkpoints, cache_dir):
@@ -104,17 +115,12 @@ def test_qwen2audio_audio_tokens_match_valid_encoder_frames(checkpoints):
     assert audio_tokens.tolist() == valid_frames.tolist() == [37, 75]
     assert inputs["attention_mask"][0, -1] == 0, "shorter prompt should be right-padded"
 
-    captured: dict[str, torch.Tensor] = {}
-    handles = [
-        capture_output(model.model.audio_tower.layer_norm, captured, "encoder"),
-        capture_output(model.model.multi_modal_projector, captured, "adapter"),
-        capture_output(model.model.language_model.layers[LLM_HOOK_LAYER], captured, "llm"),
-        capture_output(model.model.language_model.norm, captured, "final"),
-    ]
-    with torch.no_grad():
-        output = model(**inputs)
-    for handle in handles:
-        handle.remove()
+    output, captured = forward_capturing(model, inputs, {
+        "encoder": model.model.audio_tower.layer_norm,
+        "adapter": model.model.multi_modal_projector,
+        "llm": model.model.language_model.layers[LLM_HOOK_LAYER],
+        "final": model.model.language_model.norm,
+    })
 
     sequence_length = inputs["input_ids"].shape[1]
     assert output.logits.shape == (2, sequence_length, model.config.text_config.vocab_size)
@@ -156,18 +162,13 @@ def test_llava_expands_image_tokens_and_runs_on_two_images(checkpoints):
     image_tokens = (inputs["input_ids"] == model.config.image_token_id).sum(dim=1)
     assert image_tokens.tolist() == [16, 16] == [model.config.image_seq_length] * 2
 
-    captured: dict[str, torch.Tensor] = {}
     vision_layers = model.model.vision_tower.encoder.layers
-    handles = [
-        capture_output(vision_layers[model.config.vision_feature_layer], captured, "encoder"),
-        capture_output(model.model.multi_modal_projector, captured, "adapter"),
-        capture_output(model.model.language_model.layers[LLM_HOOK_LAYER], captured, "llm"),
-        capture_output(model.model.language_model.norm, captured, "final"),
-    ]
-    with torch.no_grad():
-        output = model(**inputs)
-    for handle in handles:
-        handle.remove()
+    output, captured = forward_capturing(model, inputs, {
+        "encoder": vision_layers[model.config.vision_feature_layer],
+        "adapter": model.model.multi_modal_projector,
+        "llm": model.model.language_model.layers[LLM_HOOK_LAYER],
+        "final": model.model.language_model.norm,
+    })
 
     sequence_length = inputs["input_ids"].shape[1]
     assert output.logits.shape == (2, sequence_length, model.config.text_config.vocab_size)
