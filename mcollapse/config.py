@@ -80,6 +80,12 @@ class ProbeConfig:
     min_samples: int = 20
 
 
+@dataclass
+class TargetConfig:
+    name: str = "content"  # content | reference (see mcollapse.models.decoder)
+    reduction: str = "sum"  # sum | mean over the scored tokens
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(group="paths", name="base_paths", node=PathsConfig)
@@ -87,3 +93,4 @@ def register() -> None:
     cs.store(group="dataset", name="base_dataset", node=DatasetConfig)
     cs.store(group="hook", name="base_hook", node=HookConfig)
     cs.store(group="probe", name="base_probe", node=ProbeConfig)
+    cs.store(group="target", name="base_target", node=TargetConfig)

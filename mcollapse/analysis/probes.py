@@ -109,6 +109,12 @@ class ProbeOutcome:
     dropped_classes: dict[str, int]
     n_used: int
     skipped_reason: str | None = None
+    label_entropy: float = math.nan  # H(Y) in nats, of the labels the probe used
+
+    @property
+    def information(self) -> float:
+        """H(Y) - held-out cross-entropy (nats, mean over seeds): a lower bound on I(Z; Y)."""
+        return self.label_entropy - self.mean("log_loss")
 
     def values(self, metric: str) -> np.ndarray:
         return np.array([row[metric] for row in self.per_seed], dtype=float)
@@ -232,7 +238,10 @@ def run_probes(
             [matrices[hook][plan.kept_rows] for hook in hooks], 1.0 / (C * n_train)
         )
         theta, converged, n_iter, grad_max = _minimise(objective, settings.max_iter, settings.tol)
-        predictions = objective.logits(theta).argmax(dim=-1).cpu().numpy()  # (G, n, S)
+        logits = objective.logits(theta)  # (G, n, S, K)
+        predictions = logits.argmax(dim=-1).cpu().numpy()
+        log_probs = torch.log_softmax(logits, dim=-1).clamp(min=_LOG_PROB_FLOOR).cpu().numpy()
+        del logits
         converged, n_iter, grad_max = converged.cpu(), n_iter.cpu(), grad_max.cpu()
         for g, hook in enumerate(hooks):
             rows[hook] = []
@@ -241,6 +250,7 @@ def run_probes(
                 rows[hook].append({
                     "seed": settings.seeds[s],
                     **_test_metrics(plan.codes[split.test], predictions[g, split.test, s]),
+                    "log_loss": _log_loss(plan.codes[split.test], log_probs[g, split.test, s]),
                     "n_train": n_train,
                     "n_test": len(split.test),
                     "C": C,
@@ -279,6 +289,14 @@ class _LabelPlan:
     skipped_reason: str | None
 
     @property
+    def label_entropy(self) -> float:
+        if not len(self.codes):
+            return math.nan
+        p = np.bincount(self.codes) / len(self.codes)
+        p = p[p > 0]
+        return float(-(p * np.log(p)).sum())
+
+    @property
     def n_used(self) -> int:
         return len(self.kept_rows)
 
@@ -289,6 +307,7 @@ class _LabelPlan:
             n_classes=n_classes,
             chance=1.0 / n_classes if n_classes else math.nan,
             majority=self.majority,
+            label_entropy=self.label_entropy,
             dropped_classes=dict(self.dropped_classes),
             n_used=self.n_used,
             skipped_reason=self.skipped_reason,
@@ -379,6 +398,14 @@ def _hook_batches(
         capacity = 1 if device.type == "cpu" else max(1, _BLOCK_BYTES // max(1, per_hook))
         batches.extend(hooks[i : i + capacity] for i in range(0, len(hooks), capacity))
     return batches
+
+
+_LOG_PROB_FLOOR = math.log(1e-15)  # as scikit-learn's log_loss clips probabilities
+
+
+def _log_loss(truth: np.ndarray, log_probs: np.ndarray) -> float:
+    """Held-out cross-entropy in nats; H(Y) minus it lower-bounds I(Z; Y) (the probe's information)."""
+    return float(-log_probs[np.arange(len(truth)), truth].mean())
 
 
 def _test_metrics(truth: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

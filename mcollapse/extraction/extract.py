@@ -43,7 +43,7 @@ def _ids_digest(records: list[Record]) -> str:
     return hashlib.sha256("\n".join(r.id for r in records).encode()).hexdigest()[:16]
 
 
-def _model_identity(family: ModelFamily) -> dict:
+def model_identity(family: ModelFamily) -> dict:
     cfg = family.cfg
     return {
         "model": cfg.name,
@@ -148,7 +148,7 @@ def extract_modal(family: ModelFamily, records: list[Record], dataset: dict, hoo
         raise UserError(f"hook.pooling '{hook_cfg.pooling}' is not one of {', '.join(POOLINGS)}")
     targets = hook_targets(family, hook_cfg)
     key = {
-        **_model_identity(family), "input": "modal", "dataset": dataset, "n": len(records),
+        **model_identity(family), "input": "modal", "dataset": dataset, "n": len(records),
         "ids": _ids_digest(records), "hooks": [[t.name, t.path, t.capture] for t in targets],
         "pooling": hook_cfg.pooling, "prompt": family.render_prompt(),
         "window": family.cfg.audio_window_s,
@@ -183,7 +183,7 @@ def extract_text(family: ModelFamily, records: list[Record], dataset: dict, hook
         raise UserError("text extraction needs an LLM hook (llm_layer or llm_final) in hook.roles")
     prompt = family.render_prompt() if fmt == "prompt" and family.modality != "text" else None
     key = {
-        **_model_identity(family), "input": f"text:{fmt}", "dataset": dataset, "n": len(records),
+        **model_identity(family), "input": f"text:{fmt}", "dataset": dataset, "n": len(records),
         "ids": _ids_digest(records), "hooks": [[t.name, t.path, t.capture] for t in targets],
         "pooling": hook_cfg.pooling, "prompt": prompt,
     }

@@ -95,6 +95,11 @@ class ModelFamily(ABC):
         return ("multi_modal_projector", "projector", "mm_projector")
 
     @property
+    def placeholder_id(self) -> int:
+        """Token id that stands for one audio/image position in the LLM's input ids."""
+        raise NotImplementedError(f"model family {type(self).__name__} takes no audio or image")
+
+    @property
     def roles(self) -> tuple[str, ...]:
         return ROLES if self.modality != "text" else LLM_ROLES
 
@@ -116,18 +121,34 @@ class ChatFamily(ModelFamily):
         tok = self.tokenizer
         return tok.bos_token_id is not None and tok("a").input_ids[:1] == [tok.bos_token_id]
 
+    def prompt_token_parts(self) -> tuple[list[int], list[int]]:
+        """Token ids before and after the modality placeholder (BOS included once, as alone)."""
+        tok = self.tokenizer
+        prefix, sep, suffix = self.render_prompt().partition(self.placeholder)
+        if not sep:
+            raise ValueError("prompt has no modality placeholder to put the text in")
+        bos = [tok.bos_token_id] if self._adds_bos() and not prefix.startswith(tok.bos_token or "\0") else []
+        return bos + tok(prefix, add_special_tokens=False).input_ids, tok(suffix, add_special_tokens=False).input_ids
+
+    def text_token_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def answer_token_ids(self, text: str) -> list[int]:
+        """The transcript/caption as the assistant's answer: its tokens, then end-of-turn (EOS)."""
+        eos = self.tokenizer.eos_token_id
+        return self.text_token_ids(text) + ([eos] if eos is not None else [])
+
+    @property
+    def pad_token_id(self) -> int:
+        return _pad_id(self.tokenizer)
+
     def prepare_text(self, ids: list[str], texts: list[str], fmt: str = "prompt") -> Batch:
         tok = self.tokenizer
         rows, modal = [], []
         if fmt == "prompt":
-            prefix, sep, suffix = self.render_prompt().partition(self.placeholder)
-            if not sep:
-                raise ValueError("prompt has no modality placeholder to put the text in")
-            bos = [tok.bos_token_id] if self._adds_bos() and not prefix.startswith(tok.bos_token or "\0") else []
-            pre = bos + tok(prefix, add_special_tokens=False).input_ids
-            post = tok(suffix, add_special_tokens=False).input_ids
+            pre, post = self.prompt_token_parts()
             for text in texts:
-                body = tok(text, add_special_tokens=False).input_ids
+                body = self.text_token_ids(text)
                 rows.append(pre + body + post)
                 modal.append([0] * len(pre) + [1] * len(body) + [0] * len(post))
         elif fmt == "raw":

@@ -20,6 +20,10 @@ class LlavaFamily(ChatFamily):
         processor.tokenizer.padding_side = "right"
         return processor
 
+    @property
+    def placeholder_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
     def render_prompt(self) -> str:
         """The paper's user message, wrapped in LLaVA-1.5's chat format when the checkpoint has one."""
         user = self.cfg.prompt if self.placeholder in self.cfg.prompt else f"{self.placeholder}\n{self.cfg.prompt}"

@@ -29,6 +29,10 @@ class Qwen2AudioFamily(ChatFamily):
         return processor
 
     @property
+    def placeholder_id(self) -> int:
+        return int(self.processor.audio_token_id)
+
+    @property
     def window_samples(self) -> int:
         return int(self.processor.feature_extractor.n_samples)
 

@@ -1,0 +1,268 @@
+"""Steps shared by the experiments that run the LLM as a decoder (lipschitz, modes, gradproj, gmi).
+
+The encoder runs once per sample (cached adapter sequences); the eigenbasis is computed once per
+model x dataset x setting, and the gradient pass once per sample set x target x basis. Each step
+caches its output under `paths.cache_dir`, so whichever experiment comes first pays for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mcollapse.analysis.lipschitz import per_sample_gradient_norms
+from mcollapse.analysis.modes import (
+    Eigenbasis,
+    ModeAlignment,
+    eigenbasis,
+    load_basis,
+    mode_alignment,
+    mode_gradient_magnitudes,
+    save_basis,
+)
+from mcollapse.errors import UserError
+from mcollapse.experiments.common import Selection
+from mcollapse.extraction.cache import cache_key
+from mcollapse.extraction.sequences import Sequences, adapter_sequences
+from mcollapse.models import load_model
+from mcollapse.models.base import ModelFamily
+from mcollapse.models.decoder import Decoder, compose, pad_sequences
+from mcollapse.progress import progress_bar
+from mcollapse.report.output import RunRecorder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecoderInputs:
+    """The loaded model as a decoder, the cached adapter sequences and each sample's text."""
+
+    family: ModelFamily
+    decoder: Decoder
+    sequences: Sequences
+    texts: dict[str, str]
+    dataset: dict
+    cache_dir: Path
+
+    def with_text(self, ids: list[str] | None = None) -> list[str]:
+        """The ids (default: all usable) that have a transcript/caption to serve as the target y."""
+        return [i for i in (ids or self.sequences.ids) if self.texts.get(i, "").strip()]
+
+    def text_sequence(self, sample_id: str) -> np.ndarray:
+        """z for text input: the LLM's token embeddings of the sample's transcript/caption."""
+        return self.decoder.token_embeddings(self.family.text_token_ids(self.texts[sample_id])).numpy()
+
+    def answer(self, sample_id: str) -> list[int]:
+        return self.family.answer_token_ids(self.texts[sample_id])
+
+
+def decoder_inputs(cfg, rec: RunRecorder, selection: Selection) -> DecoderInputs:
+    cache_dir = Path(cfg.paths.cache_dir)
+    with rec.stage("load_model"):
+        family = load_model(cfg.model, cache_dir, cfg.device)
+    if family.modality == "text":
+        raise UserError(f"experiment '{cfg.experiment.name}' needs a multimodal model; '{cfg.model.name}' is text-only")
+    rec.extra_meta["checkpoint"] = family.checkpoint
+    dataset = {"name": cfg.dataset.name, "fingerprint": selection.fingerprint}
+    with rec.stage("adapter_sequences"):
+        sequences = adapter_sequences(family, selection.records, dataset, cache_dir, bool(cfg.strict))
+    texts = {r.id: (r.text or "") for r in selection.records}
+    rec.counts.update({"n_usable": len(sequences.ids), "modal_skipped": sequences.skipped,
+                       "sequence_rows_computed": sequences.computed,
+                       "n_with_text": sum(1 for i in sequences.ids if texts[i].strip())})
+    if not sequences.ids:
+        raise UserError(f"no sample of '{cfg.dataset.name}' could be read")
+    return DecoderInputs(family, Decoder(family), sequences, texts, dataset, cache_dir)
+
+
+def scored_ids(inputs: DecoderInputs, target: str, n: int | None, rec: RunRecorder) -> list[str]:
+    """The first n usable samples that the target can score (content needs a transcript/caption)."""
+    ids = inputs.with_text() if target == "content" else list(inputs.sequences.ids)
+    if target == "content":
+        rec.counts["n_without_text_skipped"] = len(inputs.sequences.ids) - len(ids)
+    if not ids:
+        raise UserError("no sample has a transcript/caption, so target=content has nothing to score "
+                        "(target=reference scores the prompt instead)")
+    return ids[: int(n)] if n else ids
+
+
+def _digest(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# The eigenbasis of the pooled adapter output, aligned against text in the same space
+
+
+@dataclass
+class Modes:
+    basis: Eigenbasis
+    alignment: ModeAlignment
+    path: Path
+    key: str
+    text_ids: list[str]
+
+
+def modes(inputs: DecoderInputs, rec: RunRecorder, n_modes: int, ms_threshold: float,
+          thresholds=(0.1, 0.25, 0.5, 0.75, 0.9)) -> Modes:
+    """Modes of the modal pooled adapter outputs; rho against the pooled token embeddings of the
+    same samples' texts (the LLM's input-embedding space, where the adapter output lives)."""
+    seqs = inputs.sequences
+    text_ids = inputs.with_text()
+    if len(text_ids) < 3:
+        raise UserError(f"mode alignment needs texts for at least 3 samples, found {len(text_ids)}")
+    key = cache_key({"kind": "modes", "sequences": seqs.key, "ids": _digest(seqs.ids), "text_ids": _digest(text_ids),
+                     "n_modes": int(n_modes), "ms_threshold": float(ms_threshold),
+                     "thresholds": [float(t) for t in thresholds]})
+    path = inputs.cache_dir / "modes" / f"{key}.npz"
+    with rec.stage("modes"):
+        if path.is_file():
+            basis, alignment, _ = load_basis(path)
+        else:
+            basis = eigenbasis(seqs.pooled(), n_modes=int(n_modes))
+            text = np.stack([inputs.text_sequence(i).astype(np.float64).mean(axis=0) for i in text_ids])
+            alignment = mode_alignment(basis, text, ms_threshold=float(ms_threshold), thresholds=thresholds)
+            meta = {"model": inputs.family.cfg.name, "dataset": inputs.dataset, "space": "adapter_output",
+                    "text": "token embeddings of the transcript/caption, pooled", "n_modal": len(seqs.ids),
+                    "n_text": len(text_ids), "sequences_key": seqs.key}
+            save_basis(path, basis, alignment, meta)
+    return Modes(basis, alignment, path, key, text_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# One batched LLM-only backward per batch: gradient norms, scores and mode projections
+
+
+@dataclass
+class Gradients:
+    """Per sample: ||grad_z l||_F, l itself, #scored tokens, and (with modes) the gradient's
+    magnitude along each mode, per position (n, k) and for the mean-over-positions gradient."""
+
+    ids: list[str]
+    norms: np.ndarray
+    scores: np.ndarray
+    n_scored: np.ndarray
+    lengths: np.ndarray
+    mode_magnitudes: np.ndarray | None
+    mean_grad_magnitudes: np.ndarray | None
+    target: str
+    reduction: str
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}.npz")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def gradients(inputs: DecoderInputs, rec: RunRecorder, ids: list[str], target, batch_size: int,
+              mode_set: Modes | None = None) -> Gradients:
+    """Batched, resumable: each batch's results are a durable shard, so an interrupted pass
+    continues where it stopped; samples are batched by length to limit padding."""
+    seqs = inputs.sequences.subset(ids)
+    lengths = np.array([len(a) for a in seqs.arrays])
+    answers = [inputs.answer(i) for i in ids] if target.name == "content" else None
+    extra = np.array([len(a) for a in answers]) if answers else np.zeros(len(ids), dtype=int)
+    order = np.argsort(lengths + extra, kind="stable")
+    key = cache_key({"kind": "gradients", "sequences": inputs.sequences.key, "ids": _digest(ids),
+                     "target": target.name, "reduction": target.reduction, "batch_size": int(batch_size),
+                     "modes": mode_set.key if mode_set else None, "dtype": str(inputs.family.dtype)})
+    root = inputs.cache_dir / "gradients" / key
+    root.mkdir(parents=True, exist_ok=True)
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    done = sum((root / f"batch-{b:05d}.npz").is_file() for b in range(len(batches)))
+    if done:
+        log.info("gradient pass: %d of %d batches already cached", done, len(batches))
+    with rec.stage("gradients"), progress_bar("gradients", total=len(batches)) as advance:
+        for b, rows in enumerate(batches):
+            shard = root / f"batch-{b:05d}.npz"
+            if not shard.is_file():
+                _save_npz(shard, **_gradient_batch(inputs, seqs, rows, answers, target, mode_set))
+            advance(1)
+    parts = [np.load(root / f"batch-{b:05d}.npz") for b in range(len(batches))]
+    position = np.concatenate([p["rows"] for p in parts])
+    inverse = np.empty_like(position)
+    inverse[position] = np.arange(len(position))
+
+    def gather(name):
+        if name not in parts[0]:
+            return None
+        return np.concatenate([p[name] for p in parts])[inverse]
+
+    return Gradients(ids, gather("norms"), gather("scores"), gather("n_scored"), lengths,
+                     gather("mode_magnitudes"), gather("mean_grad_magnitudes"), target.name, target.reduction)
+
+
+def _gradient_batch(inputs, seqs, rows, answers, target, mode_set) -> dict:
+    zs = [seqs.arrays[i] for i in rows]
+    batch = compose(inputs.family, [len(z) for z in zs], [answers[i] for i in rows] if answers else None,
+                    target.name, target.reduction)
+    kept = {}
+
+    def score(z):
+        values = inputs.decoder.scores(batch, z)
+        kept["scores"] = values.detach()
+        return values
+
+    norms, grad = per_sample_gradient_norms(score, pad_sequences(zs), mask=batch.z_mask, return_grad=True)
+    out = {"rows": np.asarray(rows), "norms": norms.cpu().double().numpy(),
+           "scores": kept["scores"].cpu().double().numpy(), "n_scored": batch.n_scored.numpy()}
+    if not np.all(np.isfinite(out["norms"])):
+        log.warning("non-finite gradient norms in a batch of %d samples (kept, counted in the stats)", len(rows))
+    if mode_set is not None:
+        g = grad.cpu().double().numpy()
+        mask = batch.z_mask.numpy()
+        out["mode_magnitudes"] = mode_gradient_magnitudes(g, mode_set.basis, mask)
+        mean_grad = (g * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
+        out["mean_grad_magnitudes"] = mode_gradient_magnitudes(mean_grad, mode_set.basis)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores without gradients, for many (z, y) pairs
+
+
+def pair_scores(inputs: DecoderInputs, pairs: list[tuple[np.ndarray, list[int]]], batch_size: int,
+                label: str) -> np.ndarray:
+    """log q(y | z, c) for each (z, answer-token) pair with target=content, summed over tokens."""
+    order = np.argsort([len(z) + len(y) for z, y in pairs], kind="stable")
+    out = np.empty(len(pairs))
+    with progress_bar(label, total=len(pairs)) as advance, torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            zs = [pairs[i][0] for i in rows]
+            batch = compose(inputs.family, [len(z) for z in zs], [pairs[i][1] for i in rows], "content", "sum")
+            out[rows] = inputs.decoder.scores(batch, pad_sequences(zs)).double().cpu().numpy()
+            advance(len(rows))
+    return out
+
+
+def batch_size_of(cfg) -> int:
+    size = cfg.experiment.get("batch_size") or cfg.model.batch_size
+    if int(size) < 1:
+        raise UserError(f"batch size must be positive, got {size}")
+    return int(size)
+
+
+def lipschitz_summary_path(cache_dir: Path, model: str, dataset: dict, target) -> Path:
+    """Where a lipschitz run leaves its summary for later experiments (W1 x L, the GMI bound)."""
+    name = f"{model}-{dataset['name']}-{dataset['fingerprint'][:12]}-{target.name}-{target.reduction}.json"
+    return Path(cache_dir) / "summaries" / "lipschitz" / name
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    tmp.write_text(json.dumps(payload, indent=2, default=float))
+    os.replace(tmp, path)

@@ -1,0 +1,161 @@
+"""Per-sample adapter-output sequences, cached so LLM-side experiments never re-run the encoder.
+
+Gradients, GMI scores, ablations and swaps all feed the LLM the adapter output z (T_i x d, valid
+frames only). It is computed once per sample by a forward that stops as soon as the adapter has
+fired (the LLM never runs) and kept as one `.npy` file per sample, published by rename: a crash
+leaves only complete files, concurrent jobs writing the same sample write the same bytes, and any
+sample selection of the same model x dataset reuses what is there.
+
+Layout: ``<cache_dir>/sequences/<key>/entry.json`` (key fields) and ``<sha>.npy`` per sample, or
+``<sha>.skip.json`` for a sample whose media could not be read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mcollapse.data import load_media
+from mcollapse.data.base import Record
+from mcollapse.errors import MediaError, UserError
+from mcollapse.extraction.cache import cache_key
+from mcollapse.extraction.hooks import capture
+from mcollapse.models.base import ModelFamily
+from mcollapse.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+_FP16_MAX = 60000.0  # below float16's max with room for rounding
+
+
+@dataclass
+class Sequences:
+    """Adapter outputs of the usable samples in selection order, plus the skipped ones."""
+
+    ids: list[str]
+    arrays: list[np.ndarray]
+    key: str
+    computed: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def pooled(self) -> np.ndarray:
+        """Mean over each sample's valid positions (n, d): the pooled adapter output."""
+        return np.stack([a.astype(np.float64).mean(axis=0) for a in self.arrays])
+
+    def subset(self, ids: list[str]) -> "Sequences":
+        where = {sample_id: i for i, sample_id in enumerate(self.ids)}
+        return Sequences(list(ids), [self.arrays[where[i]] for i in ids], self.key, self.computed,
+                         dict(self.skipped))
+
+
+class SequenceStore:
+    def __init__(self, cache_dir: Path, key_fields: dict):
+        self.key = cache_key({**key_fields, "kind": "adapter_sequences"})
+        self.root = Path(cache_dir) / "sequences" / self.key
+        self.root.mkdir(parents=True, exist_ok=True)
+        entry = self.root / "entry.json"
+        if not entry.exists():
+            self._publish_text(entry, json.dumps({"key": self.key, "fields": key_fields}, indent=2, default=str))
+
+    def _stem(self, sample_id: str) -> Path:
+        return self.root / hashlib.sha256(sample_id.encode()).hexdigest()[:24]
+
+    def _publish_text(self, path: Path, text: str) -> None:
+        tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    def get(self, sample_id: str) -> np.ndarray | None:
+        path = self._stem(sample_id).with_suffix(".npy")
+        return np.load(path) if path.exists() else None
+
+    def skip_reason(self, sample_id: str) -> str | None:
+        path = self._stem(sample_id).with_suffix(".skip.json")
+        return json.loads(path.read_text())["reason"] if path.exists() else None
+
+    def put(self, sample_id: str, array: np.ndarray) -> None:
+        if not np.all(np.isfinite(array)):
+            raise UserError(f"adapter output of sample {sample_id} is not finite (NaN/Inf)")
+        if np.abs(array).max(initial=0.0) < _FP16_MAX:
+            array = array.astype(np.float16)
+        path = self._stem(sample_id).with_suffix(".npy")
+        tmp = path.with_name(f".tmp-{uuid.uuid4().hex}.npy")
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+    def put_skip(self, sample_id: str, reason: str) -> None:
+        self._publish_text(self._stem(sample_id).with_suffix(".skip.json"), json.dumps({"reason": reason}))
+
+
+def _adapter_target(family: ModelFamily):
+    from mcollapse.models.roles import resolve_hooks
+
+    return resolve_hooks(family.model, ["adapter_output"], 0, dict(family.cfg.hook_paths or {}),
+                         family.adapter_module_names())[0]
+
+
+def adapter_sequences(family: ModelFamily, records: list[Record], dataset: dict, cache_dir: Path,
+                      strict: bool = False, identity: dict | None = None) -> Sequences:
+    """The adapter output of every record, computing only what the cache lacks."""
+    if family.modality == "text":
+        raise UserError(f"model '{family.cfg.name}' is text-only: it has no adapter output")
+    from mcollapse.extraction.extract import model_identity
+
+    target = _adapter_target(family)
+    key = {**(identity or model_identity(family)), "dataset": dataset, "adapter": [target.path, target.capture],
+           "window": family.cfg.audio_window_s}
+    store = SequenceStore(cache_dir, key)
+    todo = [r for r in records if store.get(r.id) is None and store.skip_reason(r.id) is None]
+    computed = 0
+    if todo:
+        if family.modality == "audio":
+            from mcollapse.extraction.extract import audio_seconds
+
+            todo.sort(key=audio_seconds)
+        size = int(family.cfg.batch_size)
+        with progress_bar(f"adapter sequences {family.cfg.name}/{dataset['name']}", total=len(todo)) as advance:
+            for start in range(0, len(todo), size):
+                chunk = todo[start : start + size]
+                samples = []
+                for record in chunk:
+                    try:
+                        samples.append(load_media(record))
+                    except MediaError as err:
+                        if strict:
+                            raise UserError(f"sample {record.id} ({record.path}): {err}") from None
+                        log.warning("skipping %s: %s", record.id, err)
+                        store.put_skip(record.id, str(err))
+                if samples:
+                    batch = family.prepare(samples).to(family.device, family.dtype)
+                    inputs = dict(batch.inputs)
+                    hidden = capture(family.model, [target], lambda: family.model(**inputs, use_cache=False))
+                    out = hidden[target.name].float().cpu()
+                    lengths = batch.frame_lengths if batch.frame_lengths is not None else \
+                        torch.full((out.shape[0],), out.shape[1])
+                    for i, sample_id in enumerate(batch.ids):
+                        store.put(sample_id, out[i, : int(lengths[i])].numpy())
+                    computed += len(batch.ids)
+                advance(len(chunk))
+    ids, arrays, skipped = [], [], {}
+    for record in records:
+        array = store.get(record.id)
+        if array is None:
+            skipped[record.id] = store.skip_reason(record.id) or "missing"
+            continue
+        ids.append(record.id)
+        arrays.append(array)
+    if strict and skipped:
+        first = next(iter(skipped))
+        raise UserError(f"{len(skipped)} unreadable sample(s), first {first}: {skipped[first]}")
+    return Sequences(ids, arrays, store.key, computed, skipped)

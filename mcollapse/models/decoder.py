@@ -1,0 +1,145 @@
+"""The LLM as the paper's decoder: the log-score l(c, z, y) = log q(y | z, c) of a target y given z.
+
+z is the sequence the LLM receives at the audio/image positions (the adapter output, or for text
+the token embeddings of the transcript). Only the LLM runs: the prompt's token embeddings get z at
+the modality positions, the text backbone runs once, and the LM head is applied only at the
+positions whose next token is scored. z can carry gradients, so the same call gives L_log.
+
+Targets (`target.name`):
+* ``content``: y is the transcript/caption, teacher-forced as the assistant's answer right after
+  the prompt, followed by the end-of-turn token (EOS); only answer tokens are scored.
+* ``reference``: the earlier code's score, every next token of the prompt itself (template and
+  placeholder ids included), kept only to compare with the paper's numbers.
+
+``reduction`` sums the scored tokens' log-probs (log q of the whole target, Eq. 3's score) or
+averages them (the earlier code's, which scales gradients by 1 / #targets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mcollapse.errors import UserError
+from mcollapse.models.base import ModelFamily
+from mcollapse.models.roles import find_text_backbone
+
+TARGETS = ("content", "reference")
+REDUCTIONS = ("sum", "mean")
+IGNORE = -100
+
+
+@dataclass
+class DecoderBatch:
+    """Token rows with room for z, and which next tokens are scored.
+
+    ``targets[b, t]`` is the token position t must predict (IGNORE where nothing is scored);
+    ``z_rows``/``z_cols`` list the modality positions in order, matching ``z_mask`` (B, T_max).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    targets: torch.Tensor
+    z_mask: torch.Tensor
+    z_rows: torch.Tensor
+    z_cols: torch.Tensor
+    reduction: str
+
+    @property
+    def n_scored(self) -> torch.Tensor:
+        return (self.targets != IGNORE).sum(dim=1)
+
+
+def compose(family: ModelFamily, lengths: list[int], answers: list[list[int]] | None, target: str,
+            reduction: str) -> DecoderBatch:
+    """Rows `prompt-before + [placeholder] * T_i + prompt-after (+ answer_i)`, right-padded."""
+    if target not in TARGETS:
+        raise UserError(f"target '{target}' is not one of {', '.join(TARGETS)}")
+    if reduction not in REDUCTIONS:
+        raise UserError(f"target.reduction '{reduction}' is not one of {', '.join(REDUCTIONS)}")
+    if target == "content" and (answers is None or len(answers) != len(lengths)):
+        raise ValueError("target=content needs one answer token list per sample")
+    pre, post = family.prompt_token_parts()
+    placeholder = family.placeholder_id
+    rows, scored_from = [], []
+    for i, length in enumerate(lengths):
+        prompt = pre + [placeholder] * length + post
+        if target == "content":
+            if not answers[i]:
+                raise ValueError("an empty answer cannot be scored")
+            rows.append(prompt + answers[i])
+            scored_from.append(len(prompt) - 1)  # the last prompt position predicts the first answer token
+        else:
+            rows.append(prompt)
+            scored_from.append(0)
+    width = max(len(r) for r in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, width), family.pad_token_id, dtype=torch.long)
+    attention = torch.zeros((batch, width), dtype=torch.long)
+    targets = torch.full((batch, width), IGNORE, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids = torch.tensor(row, dtype=torch.long)
+        input_ids[b, : len(row)] = ids
+        attention[b, : len(row)] = 1
+        targets[b, scored_from[b] : len(row) - 1] = ids[scored_from[b] + 1 :]
+    t_max = max(lengths) if lengths else 0
+    z_mask = torch.arange(t_max)[None, :] < torch.tensor(lengths)[:, None]
+    z_rows = torch.repeat_interleave(torch.arange(batch), torch.tensor(lengths))
+    z_cols = torch.cat([torch.arange(len(pre), len(pre) + n) for n in lengths]) if lengths else torch.zeros(0)
+    return DecoderBatch(input_ids, attention, targets, z_mask, z_rows, z_cols.long(), reduction)
+
+
+def pad_sequences(arrays, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(T_i, d) arrays -> zero-padded (B, T_max, d) tensor."""
+    tensors = [torch.as_tensor(a) for a in arrays]
+    t_max = max(t.shape[0] for t in tensors)
+    out = torch.zeros((len(tensors), t_max, tensors[0].shape[1]), dtype=dtype)
+    for b, t in enumerate(tensors):
+        out[b, : t.shape[0]] = t.to(dtype)
+    return out
+
+
+class Decoder:
+    """Scores targets for one loaded multimodal model, running its LLM only."""
+
+    def __init__(self, family: ModelFamily):
+        self.family = family
+        self.model = family.model
+        self.backbone = find_text_backbone(self.model)
+        self.embed = self.model.get_input_embeddings()
+        self.head: nn.Module = self.model.get_output_embeddings()
+        if self.head is None:
+            raise UserError(f"model '{family.cfg.name}' has no LM head to score targets with")
+        for parameter in self.model.parameters():  # gradients are only ever wanted w.r.t. z
+            parameter.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.family.device
+
+    def token_embeddings(self, token_ids: list[int]) -> torch.Tensor:
+        """What the LLM receives for a text: its token embeddings (T, d), float32 on CPU."""
+        with torch.no_grad():
+            ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+            return self.embed(ids).float().cpu()
+
+    def scores(self, batch: DecoderBatch, z: torch.Tensor) -> torch.Tensor:
+        """Per-sample log-score (B,), differentiable w.r.t. z (B, T_max, d), in float32."""
+        device, dtype = self.device, self.family.dtype
+        input_ids = batch.input_ids.to(device)
+        embeds = self.embed(input_ids)
+        values = z.to(device=device, dtype=dtype)[batch.z_mask.to(device)]
+        embeds = embeds.index_put((batch.z_rows.to(device), batch.z_cols.to(device)), values)
+        hidden = self.backbone(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device),
+                               use_cache=False).last_hidden_state
+        targets = batch.targets.to(device)
+        scored = targets != IGNORE
+        logits = self.head(hidden[scored]).float()
+        token_logp = -nn.functional.cross_entropy(logits, targets[scored], reduction="none")
+        rows = scored.nonzero()[:, 0]
+        per_sample = torch.zeros(z.shape[0], dtype=torch.float32, device=device).index_add(0, rows, token_logp)
+        if batch.reduction == "mean":
+            per_sample = per_sample / scored.sum(dim=1).clamp(min=1)
+        return per_sample
