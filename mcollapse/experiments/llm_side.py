@@ -184,6 +184,8 @@ def gradients(inputs: DecoderInputs, rec: RunRecorder, ids: list[str], target, b
     done = sum((root / f"batch-{b:05d}.npz").is_file() for b in range(len(batches)))
     if done:
         log.info("gradient pass: %d of %d batches already cached", done, len(batches))
+    rec.counts["gradient_batches"] = len(batches)
+    rec.counts["gradient_batches_from_cache"] = done
     with rec.stage("gradients"), progress_bar("gradients", total=len(batches)) as advance:
         for b, rows in enumerate(batches):
             shard = root / f"batch-{b:05d}.npz"

@@ -7,6 +7,7 @@ text side from the same decoder and space, so a separate text model is refused h
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from rich.table import Table  # noqa: E402
 from mcollapse.analysis.wasserstein import fit_pca_basis, w1_between  # noqa: E402
 from mcollapse.errors import UserError  # noqa: E402
 from mcollapse.experiments.common import modal_and_text, recorder, selected_records  # noqa: E402
+from mcollapse.experiments.llm_side import lipschitz_summary_path  # noqa: E402
 from mcollapse.models.roles import hook_name  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,23 @@ def _figure(a: np.ndarray, b: np.ndarray, result, hook: str, path: Path, title: 
     plt.close(fig)
 
 
+def _with_lipschitz(cfg, selection, w1: float) -> dict:
+    """L_log x W1 (paper Table 8) when a lipschitz run exists for this model x dataset x target.
+
+    As in the paper, L is a norm over the adapter-output sequence and W1 is between pooled clouds
+    at an LLM hook: the product is a scale comparison, not the bound's exact term."""
+    dataset = {"name": cfg.dataset.name, "fingerprint": selection.fingerprint}
+    path = lipschitz_summary_path(Path(cfg.paths.cache_dir), cfg.model.name, dataset, cfg.target)
+    if not path.is_file():
+        log.info("no lipschitz result for %s x %s (target=%s): run experiment=lipschitz for L x W1",
+                 cfg.model.name, cfg.dataset.name, cfg.target.name)
+        return {}
+    found = json.loads(path.read_text())
+    return {"L_mean": found["L_mean"], "L_p95": found["L_p95"], "L_mean_x_W1": found["L_mean"] * w1,
+            "L_p95_x_W1": found["L_p95"] * w1, "lipschitz_target": cfg.target.name,
+            "lipschitz_run": found.get("run_dir")}
+
+
 def run(cfg, run_dir: Path) -> dict:
     if cfg.experiment.text.source != "self":
         raise UserError("wasserstein compares the model's own LLM on both sides: experiment.text.source must be self")
@@ -67,8 +86,9 @@ def run(cfg, run_dir: Path) -> dict:
         result = w1_between(a, b, dims=int(exp.pca_dims), n_bootstrap=int(exp.n_bootstrap), seed=int(cfg.seed),
                             max_points=exp.max_points, n_projections=int(exp.n_projections))
     metrics = result.metrics()
+    metrics.update(_with_lipschitz(cfg, selection, result.w1))
     rows = [rec.row(hook, "-", int(cfg.seed), name, value, pooling=cfg.hook.pooling, text_format=exp.text.format)
-            for name, value in metrics.items() if value is not None]
+            for name, value in metrics.items() if isinstance(value, (int, float))]
     summary = {"hook": hook, **metrics, "pooling": cfg.hook.pooling, "text_format": exp.text.format}
     with rec.stage("report"):
         _figure(a, b, result, hook, run_dir / "w1_clouds.png", f"{cfg.model.name} x {cfg.dataset.name}")
@@ -81,4 +101,7 @@ def run(cfg, run_dir: Path) -> dict:
     table.add_row(f"{result.w1:.3f}", f"[{result.ci[0]:.3f}, {result.ci[1]:.3f}]", null, excess,
                   f"{result.sliced_w1:.3f}", f"{result.n_a}/{result.n_b}", str(result.dims))
     Console(width=140).print(table)
+    if "L_mean_x_W1" in metrics:
+        log.info("L_log x W1 (target=%s): mean %.4g, p95 %.4g", metrics["lipschitz_target"], metrics["L_mean_x_W1"],
+                 metrics["L_p95_x_W1"])
     return summary

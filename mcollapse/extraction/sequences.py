@@ -98,7 +98,7 @@ class SequenceStore:
         self._publish_text(self._stem(sample_id).with_suffix(".skip.json"), json.dumps({"reason": reason}))
 
 
-def _adapter_target(family: ModelFamily):
+def adapter_target(family: ModelFamily):
     from mcollapse.models.roles import resolve_hooks
 
     return resolve_hooks(family.model, ["adapter_output"], 0, dict(family.cfg.hook_paths or {}),
@@ -112,7 +112,7 @@ def adapter_sequences(family: ModelFamily, records: list[Record], dataset: dict,
         raise UserError(f"model '{family.cfg.name}' is text-only: it has no adapter output")
     from mcollapse.extraction.extract import model_identity
 
-    target = _adapter_target(family)
+    target = adapter_target(family)
     key = {**(identity or model_identity(family)), "dataset": dataset, "adapter": [target.path, target.capture],
            "window": family.cfg.audio_window_s}
     store = SequenceStore(cache_dir, key)
