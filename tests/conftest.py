@@ -18,3 +18,12 @@ def cache_dir(tmp_path_factory) -> Path:
 def shared_cache() -> Path:
     """The user-level cache where provisioned real weights live (smol_speech), as the CLI uses it."""
     return Path(os.environ.get("MCOLLAPSE_CACHE", Path.home() / ".cache" / "mcollapse"))
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory, cache_dir) -> dict:
+    """Environment for CLI subprocesses: isolated data root and cache, this checkout, no hub."""
+    repo = Path(__file__).resolve().parents[1]
+    data = tmp_path_factory.mktemp("data")
+    return {**os.environ, "MCOLLAPSE_DATA": str(data), "MCOLLAPSE_CACHE": str(cache_dir),
+            "PYTHONPATH": str(repo), "HF_HUB_OFFLINE": "1"}

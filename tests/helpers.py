@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +44,18 @@ def image_samples(n: int, seed: int = 0) -> list[Sample]:
         record = Record(id=f"i{i}", path=Path(f"i{i}.jpg"), modality="image", text=f"a picture {i}")
         out.append(Sample(record, image=Image.fromarray(pixels)))
     return out
+
+
+def mcollapse(args, cwd, env, check=True, timeout=600):
+    """Run the CLI in a subprocess; a failure shows the tail of its output."""
+    proc = subprocess.run([sys.executable, "-m", "mcollapse", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def only_run_dir(root: Path) -> Path:
+    dirs = [p for p in root.iterdir() if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]

@@ -14,32 +14,12 @@ import h5py
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import mcollapse, only_run_dir
+
 SMALL_SPEECH = [
     "dataset.generate_options.n_speakers=4", "dataset.generate_options.n_per_class=8",
     "dataset.max_samples=96",
 ]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, cache_dir):
-    data = tmp_path_factory.mktemp("data")
-    return {**os.environ, "MCOLLAPSE_DATA": str(data), "MCOLLAPSE_CACHE": str(cache_dir),
-            "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-
-
-def mcollapse(args, cwd, env, check=True, timeout=600):
-    proc = subprocess.run([sys.executable, "-m", "mcollapse", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def only_run_dir(root: Path) -> Path:
-    dirs = [p for p in root.iterdir() if p.is_dir()]
-    assert len(dirs) == 1, dirs
-    return dirs[0]
 
 
 def test_single_run_writes_the_output_contract(tmp_path, env):

@@ -1,0 +1,87 @@
+"""The decoder-side experiments end to end on the tiny twins: lipschitz, modes, gradproj, gmi."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mcollapse.analysis.modes import load_basis
+from tests.helpers import mcollapse, only_run_dir
+
+SPEECH = ["model=tiny_qwen2audio", "dataset=synthetic_speech", "dataset.generate_options.n_speakers=4",
+          "dataset.generate_options.n_per_class=8", "dataset.max_samples=48"]
+VISION = ["model=tiny_llava", "dataset=synthetic_vision", "dataset.max_samples=40"]
+
+
+def _summary(root, experiment, model, dataset):
+    run = only_run_dir(root / "outputs" / experiment / model / dataset)
+    return run, json.loads((run / "results.json").read_text())
+
+
+@pytest.mark.parametrize("args,model,dataset", [(SPEECH, "tiny_qwen2audio", "synthetic_speech"),
+                                                (VISION, "tiny_llava", "synthetic_vision")])
+def test_all_four_experiments_share_sequences_modes_and_gradients(tmp_path, env, args, model, dataset):
+    mcollapse(["experiment=lipschitz", *args], tmp_path, env)
+    run, results = _summary(tmp_path, "lipschitz", model, dataset)
+    s = results["summary"]
+    assert s["target"] == "content" and s["reduction"] == "sum" and s["n_samples"] > 10
+    assert 0 < s["L_median"] <= s["L_p95"] <= s["L_max"] and s["L_mean_x_D"] == pytest.approx(s["L_mean"] * s["D"])
+    assert s["D_eff"] > 0 and s["participation_ratio"] >= 1 and s["D_S"] >= s["D"] - 1e-9
+    for name in ("lipschitz_hist.png", "per_sample.csv", "results.csv", "meta.json"):
+        assert (run / name).is_file(), name
+    assert len((run / "per_sample.csv").read_text().splitlines()) == s["n_samples"] + 1
+
+    mcollapse(["experiment=modes", *args], tmp_path, env)
+    run, results = _summary(tmp_path, "modes", model, dataset)
+    s = results["summary"]
+    assert s["n_ms"] + s["n_ta"] == s["n_modes"] and 0 <= s["ms_variance_share"] <= 1
+    assert results["counts"]["sequence_rows_computed"] == 0  # the encoder ran once, for lipschitz
+    basis, alignment, meta = load_basis(run / "eigenbasis.npz")
+    assert basis.n_modes == s["n_modes"] and alignment.n_ms == s["n_ms"] and meta["space"] == "adapter_output"
+    assert (run / "mode_alignment.png").is_file() and (run / "modes.csv").is_file()
+    assert set(s["n_ms_by_threshold"]) >= {"0.1", "0.5", "0.9"}
+
+    mcollapse(["experiment=gradproj", *args], tmp_path, env)
+    run, results = _summary(tmp_path, "gradproj", model, dataset)
+    counts = results["counts"]  # the lipschitz run's gradient pass, projections included, is reused
+    assert counts["gradient_batches_from_cache"] == counts["gradient_batches"] > 0
+    s = results["summary"]
+    assert s["n_samples"] > 10 and -1 <= s["spearman_r"] <= 1 and 0 <= s["spearman_p"] <= 1
+    assert (run / "gradproj.png").is_file()
+
+    mcollapse(["experiment=gmi", *args, "experiment.n_alternatives=5", "experiment.n_boot=200"], tmp_path, env)
+    run, results = _summary(tmp_path, "gmi", model, dataset)
+    s = results["summary"]
+    for kind in ("modal", "text"):
+        assert s[f"gmi_{kind}_ci_low"] <= s[f"gmi_{kind}"] <= s[f"gmi_{kind}_ci_high"]
+        assert s[f"gmi_{kind}"] <= math.log(6) + 1e-9
+    assert s["W1_conditional_pooled"] > 0 and s["theorem2_log_rhs_D"] >= s["theorem2_log_rhs_D_eff"] - 1e-9
+    assert isinstance(s["theorem2_holds_D"], bool)
+    scores = np.load(run / "gmi_scores.npz")
+    assert scores["modal"].shape == (s["n_samples"], 6)
+    assert (scores["candidates"][:, 0] == np.arange(s["n_samples"])).all()
+    assert (run / "gmi.png").is_file()
+
+
+def test_wasserstein_reports_l_times_w1_after_a_lipschitz_run(tmp_path, env):
+    mcollapse(["experiment=lipschitz", *SPEECH, "target=reference"], tmp_path, env)
+    _, lip = _summary(tmp_path, "lipschitz", "tiny_qwen2audio", "synthetic_speech")
+    assert lip["summary"]["target"] == "reference" and lip["summary"]["reduction"] == "mean"
+    assert lip["summary"]["n_samples"] == 48  # reference scores the prompt: samples without text count too
+    mcollapse(["experiment=wasserstein", *SPEECH, "target=reference", "experiment.n_bootstrap=5"], tmp_path, env)
+    _, w1 = _summary(tmp_path, "wasserstein", "tiny_qwen2audio", "synthetic_speech")
+    s = w1["summary"]
+    assert s["L_mean_x_W1"] == pytest.approx(lip["summary"]["L_mean"] * s["w1"])
+    assert s["lipschitz_target"] == "reference"
+
+
+def test_user_errors_are_one_line(tmp_path, env):
+    proc = mcollapse(["experiment=gmi", *SPEECH, "target=reference"], tmp_path, env, check=False)
+    assert proc.returncode == 2 and "target=content" in proc.stderr.strip().splitlines()[-1]
+    proc = mcollapse(["experiment=lipschitz", "model=tiny_llama", "dataset=synthetic_speech"], tmp_path, env,
+                     check=False)
+    assert proc.returncode == 2 and "text-only" in proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr

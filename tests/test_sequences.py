@@ -1,0 +1,64 @@
+"""The adapter-sequence cache: equal to what extraction pools, computed once, skips counted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile
+
+from mcollapse.data.base import Record
+from mcollapse.errors import UserError
+from mcollapse.extraction.extract import extract_modal
+from mcollapse.extraction.sequences import adapter_sequences
+from mcollapse.models import load_model
+from tests.helpers import audio_samples, model_cfg
+
+DATASET = {"name": "clips", "fingerprint": "f" * 16}
+
+
+@pytest.fixture(scope="module")
+def family(cache_dir):
+    return load_model(model_cfg("tiny_qwen2audio", batch_size=3), cache_dir, "cpu")
+
+
+@pytest.fixture()
+def records(tmp_path):
+    out = []
+    for sample in audio_samples([0.8, 2.2, 1.4, 3.0, 1.1]):
+        path = tmp_path / f"{sample.id}.wav"
+        soundfile.write(path, sample.audio, 16_000)
+        out.append(Record(id=sample.id, path=path, modality="audio", text=sample.record.text))
+    return out
+
+
+class _Hook:
+    name, roles, llm_layer, pooling = "default", ["adapter_output"], 16, "all"
+
+
+def test_pooled_sequences_equal_the_extracted_adapter_vectors(family, records, tmp_path):
+    sequences = adapter_sequences(family, records, DATASET, tmp_path / "cache")
+    assert sequences.ids == [r.id for r in records] and sequences.computed == len(records)
+    lengths = [len(a) for a in sequences.arrays]
+    assert lengths == sorted(lengths, key=lambda n: lengths.index(n)) and len(set(lengths)) > 1
+    pooled = extract_modal(family, records, DATASET, _Hook(), tmp_path / "cache").activations
+    np.testing.assert_allclose(sequences.pooled(), pooled.vectors["adapter_output"], rtol=1e-3, atol=1e-4)
+
+
+def test_second_call_computes_nothing_and_subsets_share_entries(family, records, tmp_path):
+    first = adapter_sequences(family, records, DATASET, tmp_path / "cache")
+    again = adapter_sequences(family, records[1:4], DATASET, tmp_path / "cache")
+    assert again.computed == 0 and again.key == first.key
+    for sample_id, array in zip(again.ids, again.arrays):
+        np.testing.assert_array_equal(array, first.arrays[first.ids.index(sample_id)])
+    other = adapter_sequences(family, records, {**DATASET, "fingerprint": "0" * 16}, tmp_path / "cache")
+    assert other.key != first.key and other.computed == len(records)
+    assert not list((tmp_path / "cache" / "sequences" / first.key).glob(".tmp-*"))
+
+
+def test_unreadable_clip_is_skipped_and_counted_or_fatal_when_strict(family, records, tmp_path):
+    records[2].path.write_bytes(b"RIFF broken")
+    sequences = adapter_sequences(family, records, DATASET, tmp_path / "cache")
+    assert records[2].id not in sequences.ids and list(sequences.skipped) == [records[2].id]
+    assert adapter_sequences(family, records, DATASET, tmp_path / "cache").computed == 0  # the skip is cached
+    with pytest.raises(UserError, match="unreadable"):
+        adapter_sequences(family, records, DATASET, tmp_path / "cache2", strict=True)
