@@ -23,7 +23,7 @@ def _summary(root, experiment, model, dataset):
 
 @pytest.mark.parametrize("args,model,dataset", [(SPEECH, "tiny_qwen2audio", "synthetic_speech"),
                                                 (VISION, "tiny_llava", "synthetic_vision")])
-def test_all_four_experiments_share_sequences_modes_and_gradients(tmp_path, env, args, model, dataset):
+def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, args, model, dataset):
     mcollapse(["experiment=lipschitz", *args], tmp_path, env)
     run, results = _summary(tmp_path, "lipschitz", model, dataset)
     s = results["summary"]
@@ -60,10 +60,15 @@ def test_all_four_experiments_share_sequences_modes_and_gradients(tmp_path, env,
         assert s[f"gmi_{kind}"] <= math.log(6) + 1e-9
     assert s["W1_conditional_pooled"] > 0 and s["theorem2_log_rhs_D"] >= s["theorem2_log_rhs_D_eff"] - 1e-9
     assert isinstance(s["theorem2_holds_D"], bool)
+    assert results["counts"]["gradient_batches_from_cache"] == results["counts"]["gradient_batches"]  # lipschitz's
     scores = np.load(run / "gmi_scores.npz")
     assert scores["modal"].shape == (s["n_samples"], 6)
     assert (scores["candidates"][:, 0] == np.arange(s["n_samples"])).all()
     assert (run / "gmi.png").is_file()
+
+    mcollapse(["experiment=wasserstein", *args, "experiment.n_bootstrap=5"], tmp_path, env)
+    _, results = _summary(tmp_path, "wasserstein", model, dataset)
+    assert results["summary"]["lipschitz_target"] == "content" and results["summary"]["L_p95_x_W1"] > 0
 
 
 def test_wasserstein_reports_l_times_w1_after_a_lipschitz_run(tmp_path, env):

@@ -115,3 +115,16 @@ def test_bad_targets_are_refused(loaded):
         compose(family, [len(zs[0])], None, "reference", "max")
     with pytest.raises(ValueError, match="answer"):
         compose(family, [len(zs[0])], None, "content", "sum")
+
+
+def test_shared_prompt_scoring_equals_one_row_per_pair(loaded):
+    """Decoder.answer_scores (one prompt pass, its cache reused per answer) = the plain rows."""
+    family, _, zs, answers = loaded
+    decoder = Decoder(family)
+    answers = answers + [family.answer_token_ids("x"), family.answer_token_ids("a much longer answer than most")]
+    with torch.no_grad():
+        for z in zs:
+            shared = decoder.answer_scores(z, answers)
+            rows = compose(family, [len(z)] * len(answers), answers, "content", "sum")
+            plain = decoder.scores(rows, pad_sequences([z] * len(answers)))
+            torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-4)

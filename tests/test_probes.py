@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
 from sklearn.model_selection import StratifiedShuffleSplit
 from sklearn.preprocessing import StandardScaler
 
@@ -99,6 +100,11 @@ def test_run_probe_accuracies_equal_sklearn_per_seed(weight_decay):
         model, _, test_X, _, test = sklearn_reference(X, codes, expected_C, seed=row["seed"])
         assert row["n_test"] == len(test) and row["converged"]
         assert row["accuracy"] == model.score(test_X, codes[test])
+        expected_loss = log_loss(codes[test], model.predict_proba(test_X), labels=model.classes_)
+        assert row["log_loss"] == pytest.approx(expected_loss, rel=1e-4, abs=1e-6)
+    counts = np.bincount(codes) / len(codes)
+    assert outcome.label_entropy == pytest.approx(-(counts * np.log(counts)).sum())
+    assert outcome.information == pytest.approx(outcome.label_entropy - outcome.mean("log_loss"))
     if weight_decay:
         assert outcome.per_seed[0]["C"] == pytest.approx(1.0 / (weight_decay * 240))
 

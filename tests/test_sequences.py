@@ -62,3 +62,26 @@ def test_unreadable_clip_is_skipped_and_counted_or_fatal_when_strict(family, rec
     assert adapter_sequences(family, records, DATASET, tmp_path / "cache").computed == 0  # the skip is cached
     with pytest.raises(UserError, match="unreadable"):
         adapter_sequences(family, records, DATASET, tmp_path / "cache2", strict=True)
+
+
+def test_gradient_pass_resumes_from_its_shards_with_identical_results(family, records, tmp_path):
+    from types import SimpleNamespace
+
+    from mcollapse.experiments.llm_side import DecoderInputs, gradients
+    from mcollapse.models.decoder import Decoder
+    from mcollapse.report.output import RunRecorder
+
+    sequences = adapter_sequences(family, records, DATASET, tmp_path / "cache")
+    inputs = DecoderInputs(family, Decoder(family), sequences, {r.id: r.text for r in records}, DATASET,
+                           tmp_path / "cache")
+    target = SimpleNamespace(name="content", reduction="sum")
+    rec = RunRecorder(tmp_path / "run", {})
+    first = gradients(inputs, rec, sequences.ids, target, 2)
+    shards = sorted((tmp_path / "cache" / "gradients").glob("*/batch-*.npz"))
+    assert len(shards) == 3 and rec.counts["gradient_batches_from_cache"] == 0
+    shards[1].unlink()  # as if the run had been interrupted there
+    again = gradients(inputs, rec, sequences.ids, target, 2)
+    assert rec.counts["gradient_batches_from_cache"] == 2
+    np.testing.assert_allclose(again.norms, first.norms, rtol=1e-6)
+    np.testing.assert_array_equal(again.n_scored, first.n_scored)
+    assert again.ids == sequences.ids and np.all(first.norms > 0)

@@ -25,7 +25,14 @@ from mcollapse.analysis.probes import run_probes
 from mcollapse.data.labels import derive_labels
 from mcollapse.errors import UserError
 from mcollapse.experiments.common import recorder, selected_records
-from mcollapse.experiments.llm_side import batch_size_of, decoder_inputs, gradients, pair_scores, scored_ids
+from mcollapse.experiments.llm_side import (
+    batch_size_of,
+    candidate_scores,
+    decoder_inputs,
+    gradients,
+    modes,
+    scored_ids,
+)
 from mcollapse.experiments.probe import settings_from
 from mcollapse.report.decoder_figures import gmi_figure, print_metrics
 
@@ -89,9 +96,8 @@ def run(cfg, run_dir: Path) -> dict:
 
     results, scores = {}, {}
     for kind, zs in (("modal", modal_z), ("text", text_z)):
-        pairs = [(zs[j], answers[i]) for i in range(len(ids)) for j in candidates[i]]
         with rec.stage(f"scores_{kind}"):
-            flat = pair_scores(inputs, pairs, batch, f"GMI scores ({kind})").reshape(candidates.shape)
+            flat = candidate_scores(inputs, zs, answers, candidates, f"GMI scores ({kind})")
         scores[kind] = flat
         results[kind] = gmi_from_scores(flat[:, 0], flat[:, 1:], estimator=str(exp.estimator), s=float(exp.s),
                                         n_boot=int(exp.n_boot), seed=int(cfg.seed))
@@ -103,7 +109,8 @@ def run(cfg, run_dir: Path) -> dict:
         w1_conditional = float(np.linalg.norm(pooled_m - pooled_t, axis=1).mean())
         union = np.vstack([pooled_m, pooled_t])
         d_s, d_eff = diameter(union), effective_diameter(union).d_eff
-        grads = gradients(inputs, rec, ids[: int(exp.lipschitz_samples)], target, batch)
+        shared = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold))  # same pass as lipschitz's
+        grads = gradients(inputs, rec, ids[: int(exp.lipschitz_samples)], target, batch, shared)
         stats = gradient_norm_stats(grads.norms)
         lip = float(stats[str(exp.bound_lipschitz)])
         bounds = {name: theorem2_rhs(lipschitz=lip, w1=w1_conditional, diameter=d).as_dict()

@@ -235,18 +235,26 @@ def _gradient_batch(inputs, seqs, rows, answers, target, mode_set) -> dict:
 # Scores without gradients, for many (z, y) pairs
 
 
-def pair_scores(inputs: DecoderInputs, pairs: list[tuple[np.ndarray, list[int]]], batch_size: int,
-                label: str) -> np.ndarray:
-    """log q(y | z, c) for each (z, answer-token) pair with target=content, summed over tokens."""
-    order = np.argsort([len(z) + len(y) for z, y in pairs], kind="stable")
-    out = np.empty(len(pairs))
-    with progress_bar(label, total=len(pairs)) as advance, torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            zs = [pairs[i][0] for i in rows]
-            batch = compose(inputs.family, [len(z) for z in zs], [pairs[i][1] for i in rows], "content", "sum")
-            out[rows] = inputs.decoder.scores(batch, pad_sequences(zs)).double().cpu().numpy()
-            advance(len(rows))
+def candidate_scores(inputs: DecoderInputs, zs: list[np.ndarray], answers: list[list[int]],
+                     candidates: np.ndarray, label: str, chunk: int = 64) -> np.ndarray:
+    """S[i, c] = log q(y_i | z_{candidates[i, c]}, prompt), target=content summed over tokens.
+
+    Grouped by representation: each z_j runs through the prompt once and its key/value cache
+    scores every answer paired with it (Decoder.answer_scores)."""
+    out = np.full(candidates.shape, np.nan)
+    pairs_of: dict[int, list[tuple[int, int]]] = {}
+    for i, row in enumerate(candidates):
+        for c, j in enumerate(row):
+            pairs_of.setdefault(int(j), []).append((i, c))
+    with progress_bar(label, total=len(pairs_of)) as advance, torch.no_grad():
+        for j, pairs in pairs_of.items():
+            z = torch.as_tensor(zs[j], dtype=torch.float32)
+            for start in range(0, len(pairs), chunk):
+                part = pairs[start : start + chunk]
+                values = inputs.decoder.answer_scores(z, [answers[i] for i, _ in part]).double().cpu().numpy()
+                for (i, c), value in zip(part, values):
+                    out[i, c] = value
+            advance(1)
     return out
 
 

@@ -143,3 +143,36 @@ class Decoder:
         if batch.reduction == "mean":
             per_sample = per_sample / scored.sum(dim=1).clamp(min=1)
         return per_sample
+
+    def answer_scores(self, z: torch.Tensor, answers: list[list[int]]) -> torch.Tensor:
+        """log q(y_a | z, c) summed over tokens, for many answers y_a that share one z (A,).
+
+        The prompt with z runs once; its key/value cache then serves every answer, so scoring m
+        targets costs one prompt pass plus m short answer passes (the GMI's all-pairs layout)."""
+        device, dtype = self.device, self.family.dtype
+        pre, post = self.family.prompt_token_parts()
+        length = int(z.shape[0])
+        prompt = torch.tensor([pre + [self.family.placeholder_id] * length + post], device=device)
+        embeds = self.embed(prompt)
+        embeds[0, len(pre) : len(pre) + length] = z.to(device=device, dtype=dtype)
+        out = self.backbone(inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), use_cache=True)
+        first = torch.log_softmax(self.head(out.last_hidden_state[0, -1]).float(), dim=-1)
+        width = max(len(a) for a in answers)
+        ids = torch.full((len(answers), width), self.family.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(answers), width), dtype=torch.long, device=device)
+        for a, answer in enumerate(answers):
+            ids[a, : len(answer)] = torch.tensor(answer, device=device)
+            mask[a, : len(answer)] = 1
+        scores = first[ids[:, 0]]
+        if width > 1:
+            cache = out.cache
+            cache.batch_repeat_interleave(len(answers))
+            context = torch.ones((len(answers), prompt.shape[1]), dtype=torch.long, device=device)
+            positions = (prompt.shape[1] + torch.arange(width, device=device))[None].expand(len(answers), -1)
+            hidden = self.backbone(inputs_embeds=self.embed(ids), attention_mask=torch.cat([context, mask], dim=1),
+                                   position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+            valid = mask[:, 1:].bool()
+            logits = self.head(hidden[:, :-1][valid]).float()
+            token_logp = -nn.functional.cross_entropy(logits, ids[:, 1:][valid], reduction="none")
+            scores = scores.index_add(0, valid.nonzero()[:, 0], token_logp)
+        return scores
