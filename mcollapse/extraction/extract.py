@@ -115,6 +115,21 @@ def _run(family, records, targets, key_fields, cache_dir, batch_size, flush_ever
     return Extraction(activations, targets, store.key, computed, dict(activations.skipped))
 
 
+def readable_samples(records: list[Record], strict: bool, record_skip) -> list:
+    """Load each record's media; an unreadable one is fatal when strict, else skipped and passed
+    to `record_skip(id, reason)` so it is counted in the results."""
+    samples = []
+    for record in records:
+        try:
+            samples.append(load_media(record))
+        except MediaError as err:
+            if strict:
+                raise UserError(f"sample {record.id} ({record.path}): {err}") from None
+            log.warning("skipping %s: %s", record.id, err)
+            record_skip(record.id, str(err))
+    return samples
+
+
 def audio_seconds(record: Record) -> float:
     """A clip's duration from its file header (0 when unreadable: loading will report it)."""
     try:
@@ -155,15 +170,7 @@ def extract_modal(family: ModelFamily, records: list[Record], dataset: dict, hoo
     }
 
     def make_batch(chunk, store):
-        samples = []
-        for record in chunk:
-            try:
-                samples.append(load_media(record))
-            except MediaError as err:
-                if strict:
-                    raise UserError(f"sample {record.id} ({record.path}): {err}") from None
-                log.warning("skipping %s: %s", record.id, err)
-                store.add_skipped(record.id, str(err))
+        samples = readable_samples(chunk, strict, store.add_skipped)
         return family.prepare(samples) if samples else None
 
     size_of = audio_seconds if family.modality == "audio" else None

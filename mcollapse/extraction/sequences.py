@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mcollapse.data import load_media
 from mcollapse.data.base import Record
-from mcollapse.errors import MediaError, UserError
+from mcollapse.errors import UserError
 from mcollapse.extraction.cache import cache_key
+from mcollapse.extraction.extract import audio_seconds, model_identity, readable_samples
 from mcollapse.extraction.hooks import capture
 from mcollapse.models.base import ModelFamily
 from mcollapse.progress import progress_bar
@@ -110,8 +110,6 @@ def adapter_sequences(family: ModelFamily, records: list[Record], dataset: dict,
     """The adapter output of every record, computing only what the cache lacks."""
     if family.modality == "text":
         raise UserError(f"model '{family.cfg.name}' is text-only: it has no adapter output")
-    from mcollapse.extraction.extract import model_identity
-
     target = adapter_target(family)
     key = {**(identity or model_identity(family)), "dataset": dataset, "adapter": [target.path, target.capture],
            "window": family.cfg.audio_window_s}
@@ -120,22 +118,12 @@ def adapter_sequences(family: ModelFamily, records: list[Record], dataset: dict,
     computed = 0
     if todo:
         if family.modality == "audio":
-            from mcollapse.extraction.extract import audio_seconds
-
             todo.sort(key=audio_seconds)
         size = int(family.cfg.batch_size)
         with progress_bar(f"adapter sequences {family.cfg.name}/{dataset['name']}", total=len(todo)) as advance:
             for start in range(0, len(todo), size):
                 chunk = todo[start : start + size]
-                samples = []
-                for record in chunk:
-                    try:
-                        samples.append(load_media(record))
-                    except MediaError as err:
-                        if strict:
-                            raise UserError(f"sample {record.id} ({record.path}): {err}") from None
-                        log.warning("skipping %s: %s", record.id, err)
-                        store.put_skip(record.id, str(err))
+                samples = readable_samples(chunk, strict, store.put_skip)
                 if samples:
                     batch = family.prepare(samples).to(family.device, family.dtype)
                     inputs = dict(batch.inputs)
