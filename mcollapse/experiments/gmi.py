@@ -149,8 +149,8 @@ def run(cfg, run_dir: Path) -> dict:
                  text=scores["text"])
         gmi_figure({k: r.as_dict() for k, r in results.items()},
                    {k: v["information"] for k, v in probe_info.items()}, run_dir / "gmi.png",
-                   f"{cfg.model.name} x {cfg.dataset.name}: GMI ({exp.estimator}, m={alts.shape[1]}) "
-                   f"vs probe information ({exp.probe_label})")
+                   f"{cfg.model.name} x {cfg.dataset.name}, n = {len(ids)}\nGMI ({exp.estimator}, "
+                   f"m = {alts.shape[1]}) vs probe information (label: {exp.probe_label})")
     rec.write(rows, summary, details)
     print_metrics(f"GMI: {cfg.model.name} x {cfg.dataset.name}", summary)
     return summary
