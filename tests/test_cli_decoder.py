@@ -44,10 +44,25 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
     assert (run / "mode_alignment.png").is_file() and (run / "modes.csv").is_file()
     assert set(s["n_ms_by_threshold"]) >= {"0.1", "0.5", "0.9"}
 
+    # the random-weight LLaVA twin has no mode below rho 0.5, so it gets its own threshold
+    choice = [f"experiment.basis={run / 'eigenbasis.npz'}"] if s["n_ms"] else ["experiment.ms_threshold=50"]
+    mcollapse(["experiment=ablation", *args, "experiment.n_random=3", "experiment.ms_k=[1]", *choice], tmp_path, env)
+    abl_run, results = _summary(tmp_path, "ablation", model, dataset)
+    conditions = {(r["variant"], r["condition"]): r for r in results["summary"]["conditions"]}
+    assert {c for _, c in conditions} == {"ms_all", "ta_matched", "random", "ms_top1"}
+    assert {v for v, _ in conditions} == {"centred", "uncentred"}
+    ms = conditions[("centred", "ms_all")]
+    assert ms["n_modes_removed"] == results["summary"]["n_ms"] > 0 and ms["n"] == results["summary"]["n_samples"]
+    assert results["summary"]["n_ms"] == s["n_ms"] or not s["n_ms"]
+    assert conditions[("centred", "random")]["n_draws"] == 3 and 0 <= ms["p"] <= 1
+    assert ms["delta_ci_low"] <= ms["delta_loss"] <= ms["delta_ci_high"]
+    header = (abl_run / "per_sample.csv").read_text().splitlines()[0]
+    assert header.startswith("sample_id,loss_baseline,loss_centred/ms_all") and (abl_run / "ablation.png").is_file()
+
     mcollapse(["experiment=gradproj", *args], tmp_path, env)
     run, results = _summary(tmp_path, "gradproj", model, dataset)
     counts = results["counts"]  # the lipschitz run's gradient pass, projections included, is reused
-    assert counts["gradient_batches_from_cache"] == counts["gradient_batches"] > 0
+    assert counts["gradients_batches_from_cache"] == counts["gradients_batches"] > 0
     s = results["summary"]
     assert s["n_samples"] > 10 and -1 <= s["spearman_r"] <= 1 and 0 <= s["spearman_p"] <= 1
     assert (run / "gradproj.png").is_file()
@@ -60,7 +75,7 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
         assert s[f"gmi_{kind}"] <= math.log(6) + 1e-9
     assert s["W1_conditional_pooled"] > 0 and s["theorem2_log_rhs_D"] >= s["theorem2_log_rhs_D_eff"] - 1e-9
     assert isinstance(s["theorem2_holds_D"], bool)
-    assert results["counts"]["gradient_batches_from_cache"] == results["counts"]["gradient_batches"]  # lipschitz's
+    assert results["counts"]["gradients_batches_from_cache"] == results["counts"]["gradients_batches"]  # lipschitz's
     scores = np.load(run / "gmi_scores.npz")
     assert scores["modal"].shape == (s["n_samples"], 6)
     assert (scores["candidates"][:, 0] == np.arange(s["n_samples"])).all()

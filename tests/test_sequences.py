@@ -78,10 +78,10 @@ def test_gradient_pass_resumes_from_its_shards_with_identical_results(family, re
     rec = RunRecorder(tmp_path / "run", {})
     first = gradients(inputs, rec, sequences.ids, target, 2)
     shards = sorted((tmp_path / "cache" / "gradients").glob("*/batch-*.npz"))
-    assert len(shards) == 3 and rec.counts["gradient_batches_from_cache"] == 0
+    assert len(shards) == 3 and rec.counts["gradients_batches_from_cache"] == 0
     shards[1].unlink()  # as if the run had been interrupted there
     again = gradients(inputs, rec, sequences.ids, target, 2)
-    assert rec.counts["gradient_batches_from_cache"] == 2
+    assert rec.counts["gradients_batches_from_cache"] == 2
     np.testing.assert_allclose(again.norms, first.norms, rtol=1e-6)
     np.testing.assert_array_equal(again.n_scored, first.n_scored)
     assert again.ids == sequences.ids and np.all(first.norms > 0)

@@ -94,7 +94,7 @@ def scored_ids(inputs: DecoderInputs, target: str, n: int | None, rec: RunRecord
     return ids[: int(n)] if n else ids
 
 
-def _digest(ids: list[str]) -> str:
+def ids_digest(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
 
 
@@ -119,7 +119,8 @@ def modes(inputs: DecoderInputs, rec: RunRecorder, n_modes: int, ms_threshold: f
     text_ids = inputs.with_text()
     if len(text_ids) < 3:
         raise UserError(f"mode alignment needs texts for at least 3 samples, found {len(text_ids)}")
-    key = cache_key({"kind": "modes", "sequences": seqs.key, "ids": _digest(seqs.ids), "text_ids": _digest(text_ids),
+    key = cache_key({"kind": "modes", "sequences": seqs.key, "ids": ids_digest(seqs.ids),
+                     "text_ids": ids_digest(text_ids),
                      "n_modes": int(n_modes), "ms_threshold": float(ms_threshold),
                      "thresholds": [float(t) for t in thresholds]})
     path = inputs.cache_dir / "modes" / f"{key}.npz"
@@ -175,22 +176,31 @@ def gradients(inputs: DecoderInputs, rec: RunRecorder, ids: list[str], target, b
     answers = [inputs.answer(i) for i in ids] if target.name == "content" else None
     extra = np.array([len(a) for a in answers]) if answers else np.zeros(len(ids), dtype=int)
     order = np.argsort(lengths + extra, kind="stable")
-    key = cache_key({"kind": "gradients", "sequences": inputs.sequences.key, "ids": _digest(ids),
+    key = cache_key({"kind": "gradients", "sequences": inputs.sequences.key, "ids": ids_digest(ids),
                      "target": target.name, "reduction": target.reduction, "batch_size": int(batch_size),
                      "modes": mode_set.key if mode_set else None, "dtype": str(inputs.family.dtype)})
-    root = inputs.cache_dir / "gradients" / key
-    root.mkdir(parents=True, exist_ok=True)
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    gather = sharded_pass(rec, inputs.cache_dir / "gradients" / key, batches, "gradients",
+                          lambda rows: _gradient_batch(inputs, seqs, rows, answers, target, mode_set))
+    return Gradients(ids, gather("norms"), gather("scores"), gather("n_scored"), lengths,
+                     gather("mode_magnitudes"), gather("mean_grad_magnitudes"), target.name, target.reduction)
+
+
+def sharded_pass(rec: RunRecorder, root: Path, batches: list[np.ndarray], label: str, compute):
+    """Run `compute(rows) -> {name: per-row array}` over the batches, each result a durable shard,
+    so an interrupted pass resumes where it stopped. Returns `gather(name)`: that array over all
+    rows in their original order (None if the pass does not produce it)."""
+    root.mkdir(parents=True, exist_ok=True)
     done = sum((root / f"batch-{b:05d}.npz").is_file() for b in range(len(batches)))
     if done:
-        log.info("gradient pass: %d of %d batches already cached", done, len(batches))
-    rec.counts["gradient_batches"] = len(batches)
-    rec.counts["gradient_batches_from_cache"] = done
-    with rec.stage("gradients"), progress_bar("gradients", total=len(batches)) as advance:
+        log.info("%s: %d of %d batches already cached", label, done, len(batches))
+    rec.counts[f"{label}_batches"] = len(batches)
+    rec.counts[f"{label}_batches_from_cache"] = done
+    with rec.stage(label), progress_bar(label, total=len(batches)) as advance:
         for b, rows in enumerate(batches):
             shard = root / f"batch-{b:05d}.npz"
             if not shard.is_file():
-                _save_npz(shard, **_gradient_batch(inputs, seqs, rows, answers, target, mode_set))
+                _save_npz(shard, rows=np.asarray(rows), **compute(rows))
             advance(1)
     parts = [np.load(root / f"batch-{b:05d}.npz") for b in range(len(batches))]
     position = np.concatenate([p["rows"] for p in parts])
@@ -202,8 +212,7 @@ def gradients(inputs: DecoderInputs, rec: RunRecorder, ids: list[str], target, b
             return None
         return np.concatenate([p[name] for p in parts])[inverse]
 
-    return Gradients(ids, gather("norms"), gather("scores"), gather("n_scored"), lengths,
-                     gather("mode_magnitudes"), gather("mean_grad_magnitudes"), target.name, target.reduction)
+    return gather
 
 
 def _gradient_batch(inputs, seqs, rows, answers, target, mode_set) -> dict:
@@ -218,7 +227,7 @@ def _gradient_batch(inputs, seqs, rows, answers, target, mode_set) -> dict:
         return values
 
     norms, grad = per_sample_gradient_norms(score, pad_sequences(zs), mask=batch.z_mask, return_grad=True)
-    out = {"rows": np.asarray(rows), "norms": norms.cpu().double().numpy(),
+    out = {"norms": norms.cpu().double().numpy(),
            "scores": kept["scores"].cpu().double().numpy(), "n_scored": batch.n_scored.numpy()}
     if not np.all(np.isfinite(out["norms"])):
         log.warning("non-finite gradient norms in a batch of %d samples (kept, counted in the stats)", len(rows))

@@ -105,3 +105,42 @@ def gmi_figure(results: dict, probe_info: dict, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def ablation_figure(results: list[dict], path: Path, title: str) -> None:
+    """Loss change in % of the baseline per condition, 95% CIs, one colour per variant."""
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    names = list(dict.fromkeys(r["condition"] for r in results))
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 3.0, 4.2))
+    colors = ("#4c72b0", "#dd8452", "#55a868")
+    for v, variant in enumerate(variants):
+        rows = {r["condition"]: r for r in results if r["variant"] == variant}
+        xs = [i + (v - (len(variants) - 1) / 2) * width for i, n in enumerate(names) if n in rows]
+        ys = [rows[n]["delta_pct"] for n in names if n in rows]
+        low = [rows[n]["delta_pct"] - rows[n]["delta_pct_ci_low"] for n in names if n in rows]
+        high = [rows[n]["delta_pct_ci_high"] - rows[n]["delta_pct"] for n in names if n in rows]
+        ax.bar(xs, ys, width=width * 0.95, color=colors[v % len(colors)], label=variant, yerr=[low, high], capsize=3)
+    ax.axhline(0, color="black", linewidth=0.8)
+    labels = []
+    for n in names:
+        first = next(r for r in results if r["condition"] == n)
+        labels.append(f"{n}\n({first['n_modes_removed']} modes)")
+    ax.set_xticks(range(len(names)), labels, fontsize=8)
+    ax.set_ylabel("loss change vs no ablation (%)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def print_ablation_table(results: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for column in ("variant", "condition", "modes", "var. removed", "ΔLoss", "ΔLoss %", "95% CI (%)", "t", "p", "n"):
+        table.add_column(column, justify="right")
+    for r in results:
+        spread = f" ±{r['draw_delta_pct_std']:.2f}" if "draw_delta_pct_std" in r else ""
+        table.add_row(r["variant"], r["condition"], str(r["n_modes_removed"]), f"{r['variance_share_removed']:.1%}",
+                      f"{r['delta_loss']:.4g}", f"{r['delta_pct']:+.2f}{spread}",
+                      f"[{r['delta_pct_ci_low']:+.2f}, {r['delta_pct_ci_high']:+.2f}]", f"{r['t']:.2f}",
+                      f"{r['p']:.3g}", str(r["n"]))
+    Console(width=140).print(table)

@@ -1,0 +1,150 @@
+"""Causal ablation (paper §5.4, Table 2): does removing MS modes from the decoder's input hurt it?
+
+Each condition projects a set of modes out of every position of the cached adapter-output
+sequence; the LLM alone scores the target for the baseline and every condition, the conditions of
+a batch stacked as rows of one forward. Per-sample loss = -log q(y | z, c) with the run's target
+(`target=content` by default; `target=reference` to compare with the paper's Table 2).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mcollapse.analysis.ablation import VARIANTS, conditions, project_out, summarise, variance_share
+from mcollapse.analysis.modes import load_basis
+from mcollapse.errors import UserError
+from mcollapse.experiments.common import recorder, selected_records
+from mcollapse.experiments.llm_side import (
+    batch_size_of,
+    decoder_inputs,
+    ids_digest,
+    modes,
+    scored_ids,
+    sharded_pass,
+)
+from mcollapse.extraction.cache import cache_key
+from mcollapse.models.decoder import compose, pad_sequences
+from mcollapse.report.decoder_figures import ablation_figure, print_ablation_table
+
+log = logging.getLogger(__name__)
+
+
+def _basis(cfg, inputs, rec):
+    exp = cfg.experiment
+    if exp.basis:
+        basis, alignment, meta = load_basis(Path(exp.basis))
+        if alignment is None:
+            raise UserError(f"eigenbasis {exp.basis} has no MS/TA labels (save it with experiment=modes)")
+        if basis.dim != inputs.sequences.arrays[0].shape[1]:
+            raise UserError(f"eigenbasis {exp.basis} has {basis.dim} dims, the adapter output has "
+                            f"{inputs.sequences.arrays[0].shape[1]}")
+        if meta.get("sequences_key") not in (None, inputs.sequences.key):
+            log.warning("eigenbasis %s was fitted on other adapter outputs (%s)", exp.basis, meta.get("model"))
+        return basis, alignment, str(exp.basis)
+    found = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold))
+    return found.basis, found.alignment, str(found.path)
+
+
+def run(cfg, run_dir: Path) -> dict:
+    exp, target = cfg.experiment, cfg.target
+    unknown = set(exp.variants) - set(VARIANTS)
+    if unknown or not exp.variants:
+        raise UserError(f"experiment.variants must be a non-empty subset of {list(VARIANTS)}, got {list(exp.variants)}")
+    rec = recorder(cfg, run_dir)
+    selection = selected_records(cfg, rec)
+    inputs = decoder_inputs(cfg, rec, selection)
+    basis, alignment, basis_source = _basis(cfg, inputs, rec)
+    conds = conditions(alignment.is_ms, basis.eigenvalues, n_random=int(exp.n_random), seed=int(cfg.seed),
+                       ms_k=[int(k) for k in exp.ms_k])
+    if not conds:
+        raise UserError(f"no MS mode among the {alignment.rho.size} modes (ms_threshold={alignment.ms_threshold}): "
+                        "nothing to ablate")
+    columns = [("baseline", None, None)] + [(f"{v}/{c.label}", v, c) for v in exp.variants for c in conds]
+    ids = scored_ids(inputs, target.name, exp.n_samples, rec)
+    seqs = inputs.sequences.subset(ids)
+    answers = [inputs.answer(i) for i in ids] if target.name == "content" else None
+    vectors = torch.as_tensor(basis.vectors, dtype=torch.float32)
+    mean = torch.as_tensor(basis.mean, dtype=torch.float32)
+    batch = batch_size_of(cfg)
+    per_forward = int(exp.rows_per_forward or 4 * batch)
+
+    def losses(rows):
+        out = np.empty((len(rows), len(columns)))
+        items = [(r, c) for r in rows for c in range(len(columns))]  # one sample's rows stay together
+        for start in range(0, len(items), per_forward):
+            part = items[start : start + per_forward]
+            zs = [_ablated(seqs.arrays[r], columns[c], vectors, mean) for r, c in part]
+            targets = [answers[r] for r, _ in part] if answers else None
+            rows_batch = compose(inputs.family, [len(z) for z in zs], targets, target.name, target.reduction)
+            with torch.no_grad():
+                scores = inputs.decoder.scores(rows_batch, pad_sequences(zs)).double().cpu().numpy()
+            for (r, c), score in zip(part, scores):
+                out[list(rows).index(r), c] = -score
+        return {"losses": out}
+
+    order = np.argsort([len(a) for a in seqs.arrays], kind="stable")
+    batches = [order[s : s + batch] for s in range(0, len(order), batch)]
+    key = cache_key({"kind": "ablation", "sequences": inputs.sequences.key, "ids": ids_digest(ids),
+                     "basis": basis_source, "columns": [name for name, _, _ in columns], "target": target.name,
+                     "reduction": target.reduction, "batch": batch, "dtype": str(inputs.family.dtype)})
+    table = sharded_pass(rec, inputs.cache_dir / "ablation" / key, batches, "ablation", losses)("losses")
+
+    with rec.stage("statistics"):
+        results = _summaries(table, columns, conds, exp.variants, basis.eigenvalues)
+    rows = [rec.row("adapter_output", "-", int(cfg.seed), metric, value, condition=r["condition"],
+                    variant=r["variant"], target=target.name, reduction=target.reduction)
+            for r in results for metric, value in r.items()
+            if metric not in ("condition", "variant") and isinstance(value, (int, float))]
+    summary = {"target": target.name, "reduction": target.reduction, "n_samples": len(ids),
+               "n_modes": int(alignment.rho.size), "n_ms": alignment.n_ms, "n_ta": alignment.n_ta,
+               "ms_threshold": alignment.ms_threshold, "eigenbasis": basis_source,
+               "mean_loss_baseline": float(table[:, 0].mean()), "conditions": results}
+    with rec.stage("report"):
+        with (run_dir / "per_sample.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["sample_id", *(f"loss_{name}" for name, _, _ in columns)])
+            for i, sample_id in enumerate(ids):
+                writer.writerow([sample_id, *(f"{v:.8g}" for v in table[i])])
+        ablation_figure(results, run_dir / "ablation.png",
+                        f"{cfg.model.name} x {cfg.dataset.name} (target={target.name}, n={len(ids)})")
+    rec.write(rows, summary)
+    print_ablation_table(results, f"ablation: {cfg.model.name} x {cfg.dataset.name} (target={target.name})")
+    return summary
+
+
+def _ablated(z: np.ndarray, column, vectors: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    _, variant, cond = column
+    z = torch.as_tensor(z, dtype=torch.float32)
+    if cond is None:
+        return z
+    return project_out(z, vectors[list(cond.modes)], mean if variant == "centred" else None)
+
+
+def _summaries(table, columns, conds, variants, eigenvalues) -> list[dict]:
+    """One row per variant x condition; random draws pooled (per-sample mean over seeds) with the
+    spread of their per-draw mean change."""
+    base = table[:, 0]
+    index = {name: c for c, (name, _, _) in enumerate(columns)}
+    out = []
+    for variant in variants:
+        groups: dict[str, list] = {}
+        for cond in conds:
+            key = cond.name if cond.name != "ms_k" else cond.label
+            groups.setdefault(key, []).append(cond)
+        for key, members in groups.items():
+            losses = np.stack([table[:, index[f"{variant}/{c.label}"]] for c in members])
+            entry = {"condition": key, "variant": variant, "n_modes_removed": len(members[0].modes),
+                     "variance_share_removed": float(np.mean([variance_share(eigenvalues, c.modes) for c in members])),
+                     **summarise(base, losses.mean(axis=0))}
+            if len(members) > 1:
+                per_draw = [summarise(base, row)["delta_pct"] for row in losses]
+                entry.update({"n_draws": len(members), "draw_delta_pct_std": float(np.std(per_draw, ddof=1)),
+                              "draw_delta_pct_min": float(np.min(per_draw)),
+                              "draw_delta_pct_max": float(np.max(per_draw))})
+            out.append(entry)
+    return out

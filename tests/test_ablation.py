@@ -1,0 +1,65 @@
+"""Ablation math on planted ground truth: a toy decoder whose loss reads a known subspace."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from mcollapse.analysis.ablation import conditions, project_out, summarise, variance_share
+
+
+def _orthonormal(d: int, seed: int = 0) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q.T  # rows orthonormal
+
+
+def test_loss_changes_only_through_the_subspace_it_reads():
+    d, T = 12, 7
+    basis = _orthonormal(d)
+    read = basis[:3]  # the toy decoder's loss depends on z only through these directions
+
+    def loss(z):
+        return ((z @ read.T) ** 2).sum(dim=(-1, -2))
+
+    z = torch.randn(20, T, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mean = z.reshape(-1, d).mean(0)
+    unread = project_out(z, basis[3:8], None)
+    torch.testing.assert_close(loss(unread), loss(z))  # orthogonal directions: no change at all
+    gone = project_out(z, read, None)
+    torch.testing.assert_close(loss(gone), torch.zeros(20, dtype=torch.float64))
+    centred = project_out(z, read, mean)
+    # centred ablation keeps the mean's component: every position becomes its projection of the mean
+    torch.testing.assert_close(centred @ read.T, (mean @ read.T).expand(20, T, 3))
+    partial = project_out(z, basis[[0, 5]], None)
+    expected = loss(z) - ((z @ basis[0]) ** 2).sum(-1)
+    torch.testing.assert_close(loss(partial), expected)
+    assert torch.equal(project_out(z, basis[:0], mean), z)
+
+
+def test_conditions_pick_ms_matched_ta_random_and_the_k_sweep():
+    lam = np.array([9.0, 7.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.5])
+    is_ms = np.array([True, False, True, False, False, True, False, False])
+    conds = conditions(is_ms, lam, n_random=4, seed=10, ms_k=[1, 2, 5])
+    by_name = {c.label: c for c in conds}
+    assert by_name["ms_all"].modes == (0, 2, 5)
+    assert by_name["ta_matched"].modes == (1, 3, 4)  # the three TA modes of largest variance
+    randoms = [c for c in conds if c.name == "random"]
+    assert [c.seed for c in randoms] == [10, 11, 12, 13] and all(len(c.modes) == 3 for c in randoms)
+    assert len({c.modes for c in randoms}) > 1 and all(len(set(c.modes)) == 3 for c in randoms)
+    assert by_name["ms_top1"].modes == (0,) and by_name["ms_top2"].modes == (0, 2) and "ms_top5" not in by_name
+    assert conditions(is_ms, lam, n_random=4, seed=10) == [c for c in conds if c.name != "ms_k"]  # seeded
+    assert conditions(np.zeros(8, dtype=bool), lam) == []
+    assert variance_share(lam, (0, 2, 5)) == pytest.approx(16.0 / lam.sum())
+
+
+def test_summary_is_scipys_paired_t_test():
+    rng = np.random.default_rng(3)
+    base = rng.normal(5.0, 1.0, 40)
+    ablated = base + rng.normal(0.2, 0.3, 40)
+    out = summarise(base, ablated)
+    reference = stats.ttest_rel(ablated, base)
+    assert out["t"] == pytest.approx(reference.statistic) and out["p"] == pytest.approx(reference.pvalue)
+    assert out["delta_pct"] == pytest.approx(100 * (ablated - base).mean() / base.mean())
+    assert out["delta_ci_low"] < out["delta_loss"] < out["delta_ci_high"] and out["n"] == 40
