@@ -21,9 +21,9 @@ def _summary(root, experiment, model, dataset):
     return run, json.loads((run / "results.json").read_text())
 
 
-@pytest.mark.parametrize("args,model,dataset", [(SPEECH, "tiny_qwen2audio", "synthetic_speech"),
-                                                (VISION, "tiny_llava", "synthetic_vision")])
-def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, args, model, dataset):
+@pytest.mark.parametrize("args,model,dataset,group", [(SPEECH, "tiny_qwen2audio", "synthetic_speech", "speaker"),
+                                                      (VISION, "tiny_llava", "synthetic_vision", "object_category")])
+def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, args, model, dataset, group):
     mcollapse(["experiment=lipschitz", *args], tmp_path, env)
     run, results = _summary(tmp_path, "lipschitz", model, dataset)
     s = results["summary"]
@@ -58,6 +58,15 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
     assert ms["delta_ci_low"] <= ms["delta_loss"] <= ms["delta_ci_high"]
     header = (abl_run / "per_sample.csv").read_text().splitlines()[0]
     assert header.startswith("sample_id,loss_baseline,loss_centred/ms_all") and (abl_run / "ablation.png").is_file()
+
+    mcollapse(["experiment=msswap", *args, f"experiment.group_by={group}", "experiment.n_draws=2", *choice],
+              tmp_path, env)
+    swap_run, results = _summary(tmp_path, "msswap", model, dataset)
+    swap = results["summary"]
+    assert swap["group_by"] == group and swap["n_groups"] >= 2 and swap["n_samples"] > 10
+    assert swap["kl_MS"] >= 0 and swap["kl_TA"] >= 0 and swap["shift_MS"] > 0 and swap["shift_TA"] > 0
+    assert 0 <= swap["kl_MS_vs_TA_p"] <= 1 and (swap_run / "msswap.png").is_file()
+    assert len((swap_run / "per_sample.csv").read_text().splitlines()) == 2 * swap["n_samples"] + 1
 
     mcollapse(["experiment=gradproj", *args], tmp_path, env)
     run, results = _summary(tmp_path, "gradproj", model, dataset)

@@ -16,14 +16,13 @@ import numpy as np
 import torch
 
 from mcollapse.analysis.ablation import VARIANTS, conditions, project_out, summarise, variance_share
-from mcollapse.analysis.modes import load_basis
 from mcollapse.errors import UserError
 from mcollapse.experiments.common import recorder, selected_records
 from mcollapse.experiments.llm_side import (
     batch_size_of,
     decoder_inputs,
+    eigenbasis_for,
     ids_digest,
-    modes,
     scored_ids,
     sharded_pass,
 )
@@ -34,22 +33,6 @@ from mcollapse.report.decoder_figures import ablation_figure, print_ablation_tab
 log = logging.getLogger(__name__)
 
 
-def _basis(cfg, inputs, rec):
-    exp = cfg.experiment
-    if exp.basis:
-        basis, alignment, meta = load_basis(Path(exp.basis))
-        if alignment is None:
-            raise UserError(f"eigenbasis {exp.basis} has no MS/TA labels (save it with experiment=modes)")
-        if basis.dim != inputs.sequences.arrays[0].shape[1]:
-            raise UserError(f"eigenbasis {exp.basis} has {basis.dim} dims, the adapter output has "
-                            f"{inputs.sequences.arrays[0].shape[1]}")
-        if meta.get("sequences_key") not in (None, inputs.sequences.key):
-            log.warning("eigenbasis %s was fitted on other adapter outputs (%s)", exp.basis, meta.get("model"))
-        return basis, alignment, str(exp.basis)
-    found = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold))
-    return found.basis, found.alignment, str(found.path)
-
-
 def run(cfg, run_dir: Path) -> dict:
     exp, target = cfg.experiment, cfg.target
     unknown = set(exp.variants) - set(VARIANTS)
@@ -58,7 +41,7 @@ def run(cfg, run_dir: Path) -> dict:
     rec = recorder(cfg, run_dir)
     selection = selected_records(cfg, rec)
     inputs = decoder_inputs(cfg, rec, selection)
-    basis, alignment, basis_source = _basis(cfg, inputs, rec)
+    basis, alignment, basis_source = eigenbasis_for(cfg, inputs, rec)
     conds = conditions(alignment.is_ms, basis.eigenvalues, n_random=int(exp.n_random), seed=int(cfg.seed),
                        ms_k=[int(k) for k in exp.ms_k])
     if not conds:

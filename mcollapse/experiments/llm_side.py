@@ -138,6 +138,24 @@ def modes(inputs: DecoderInputs, rec: RunRecorder, n_modes: int, ms_threshold: f
     return Modes(basis, alignment, path, key, text_ids)
 
 
+def eigenbasis_for(cfg, inputs: DecoderInputs, rec: RunRecorder):
+    """`experiment.basis` (an eigenbasis.npz from a modes run), else the cached basis of this
+    model x dataset x setting: (basis, alignment, where it came from)."""
+    exp = cfg.experiment
+    if exp.basis:
+        basis, alignment, meta = load_basis(Path(exp.basis))
+        if alignment is None:
+            raise UserError(f"eigenbasis {exp.basis} has no MS/TA labels (save it with experiment=modes)")
+        if basis.dim != inputs.sequences.arrays[0].shape[1]:
+            raise UserError(f"eigenbasis {exp.basis} has {basis.dim} dims, the adapter output has "
+                            f"{inputs.sequences.arrays[0].shape[1]}")
+        if meta.get("sequences_key") not in (None, inputs.sequences.key):
+            log.warning("eigenbasis %s was fitted on other adapter outputs (%s)", exp.basis, meta.get("model"))
+        return basis, alignment, str(exp.basis)
+    found = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold))
+    return found.basis, found.alignment, str(found.path)
+
+
 # ---------------------------------------------------------------------------------------------
 # One batched LLM-only backward per batch: gradient norms, scores and mode projections
 

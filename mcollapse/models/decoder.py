@@ -125,8 +125,8 @@ class Decoder:
             ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
             return self.embed(ids).float().cpu()
 
-    def scores(self, batch: DecoderBatch, z: torch.Tensor) -> torch.Tensor:
-        """Per-sample log-score (B,), differentiable w.r.t. z (B, T_max, d), in float32."""
+    def _scored_logits(self, batch: DecoderBatch, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, V) in float32 at the N scored positions, row by row, and the scored mask."""
         device, dtype = self.device, self.family.dtype
         input_ids = batch.input_ids.to(device)
         embeds = self.embed(input_ids)
@@ -134,9 +134,20 @@ class Decoder:
         embeds = embeds.index_put((batch.z_rows.to(device), batch.z_cols.to(device)), values)
         hidden = self.backbone(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device),
                                use_cache=False).last_hidden_state
+        scored = batch.targets.to(device) != IGNORE
+        return self.head(hidden[scored]).float(), scored
+
+    def scored_log_probs(self, batch: DecoderBatch, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's next-token distributions (log, (N, V)) at the scored positions, with the row
+        each belongs to (N,): rows composed alike have their positions in the same order."""
+        logits, scored = self._scored_logits(batch, z)
+        return torch.log_softmax(logits, dim=-1), scored.nonzero()[:, 0]
+
+    def scores(self, batch: DecoderBatch, z: torch.Tensor) -> torch.Tensor:
+        """Per-sample log-score (B,), differentiable w.r.t. z (B, T_max, d), in float32."""
+        device = self.device
+        logits, scored = self._scored_logits(batch, z)
         targets = batch.targets.to(device)
-        scored = targets != IGNORE
-        logits = self.head(hidden[scored]).float()
         token_logp = -nn.functional.cross_entropy(logits, targets[scored], reduction="none")
         rows = scored.nonzero()[:, 0]
         per_sample = torch.zeros(z.shape[0], dtype=torch.float32, device=device).index_add(0, rows, token_logp)

@@ -144,3 +144,17 @@ def print_ablation_table(results: list[dict], title: str) -> None:
                       f"[{r['delta_pct_ci_low']:+.2f}, {r['delta_pct_ci_high']:+.2f}]", f"{r['t']:.2f}",
                       f"{r['p']:.3g}", str(r["n"]))
     Console(width=140).print(table)
+
+
+def msswap_figure(data: dict, path: Path, title: str) -> None:
+    """Per sample and draw: KL against the size of the shift, MS and TA swaps."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for subspace, color in (("MS", "#c44e52"), ("TA", "#4c72b0")):
+        shift, kl = data[f"shift_{subspace}"].ravel(), data[f"kl_{subspace}"].ravel()
+        ax.scatter(shift, kl, s=10, alpha=0.6, color=color,
+                   label=f"{subspace} swap: mean KL {kl.mean():.3g} nats/position")
+    ax.set_xlabel("shift size ||P (mu_B - zbar)||")
+    ax.set_ylabel(r"KL($p_{base}$ || $p_{swap}$) per answer position (nats)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    _save(fig, path)
