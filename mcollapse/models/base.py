@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mcollapse.data.base import Sample
+from mcollapse.errors import UserError
 
 ROLES = ("encoder_output", "adapter_output", "llm_layer", "llm_final")
 LLM_ROLES = ("llm_layer", "llm_final")
@@ -97,7 +98,7 @@ class ModelFamily(ABC):
     @property
     def placeholder_id(self) -> int:
         """Token id that stands for one audio/image position in the LLM's input ids."""
-        raise NotImplementedError(f"model family {type(self).__name__} takes no audio or image")
+        raise UserError(f"model '{self.cfg.name}' is text-only: it has no audio/image positions to fill")
 
     @property
     def roles(self) -> tuple[str, ...]:
