@@ -9,7 +9,6 @@ a batch stacked as rows of one forward. Per-sample loss = -log q(y | z, c) with 
 from __future__ import annotations
 
 import csv
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +28,6 @@ from mcollapse.experiments.llm_side import (
 from mcollapse.extraction.cache import cache_key
 from mcollapse.models.decoder import compose, pad_sequences
 from mcollapse.report.decoder_figures import ablation_figure, print_ablation_table
-
-log = logging.getLogger(__name__)
 
 
 def run(cfg, run_dir: Path) -> dict:

@@ -13,7 +13,6 @@ distance of y's modal points to its text point, and E_y W1 = mean_i ||zbar_M,i -
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -35,8 +34,6 @@ from mcollapse.experiments.llm_side import (
 )
 from mcollapse.experiments.probe import settings_from
 from mcollapse.report.decoder_figures import gmi_figure, print_metrics
-
-log = logging.getLogger(__name__)
 
 
 def alternatives(n: int, m: int, seed: int) -> np.ndarray:

@@ -11,7 +11,6 @@ unit squared shift, with paired tests of MS against TA.
 from __future__ import annotations
 
 import csv
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,6 @@ from mcollapse.extraction.cache import cache_key
 from mcollapse.models.decoder import IGNORE, compose, pad_sequences
 from mcollapse.report.decoder_figures import msswap_figure, print_metrics
 
-log = logging.getLogger(__name__)
 SUBSPACES = ("MS", "TA")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -30,8 +29,6 @@ from mcollapse.extraction.extract import audio_seconds, model_identity, readable
 from mcollapse.extraction.hooks import capture
 from mcollapse.models.base import ModelFamily
 from mcollapse.progress import progress_bar
-
-log = logging.getLogger(__name__)
 
 _FP16_MAX = 60000.0  # below float16's max with room for rounding
 
