@@ -55,16 +55,16 @@ def run(cfg, run_dir: Path) -> dict:
 
     def losses(rows):
         out = np.empty((len(rows), len(columns)))
-        items = [(r, c) for r in rows for c in range(len(columns))]  # one sample's rows stay together
+        items = [(n, r, c) for n, r in enumerate(rows) for c in range(len(columns))]  # a sample's rows stay together
         for start in range(0, len(items), per_forward):
             part = items[start : start + per_forward]
-            zs = [_ablated(seqs.arrays[r], columns[c], vectors, mean) for r, c in part]
-            targets = [answers[r] for r, _ in part] if answers else None
+            zs = [_ablated(seqs.arrays[r], columns[c], vectors, mean) for _, r, c in part]
+            targets = [answers[r] for _, r, _ in part] if answers else None
             rows_batch = compose(inputs.family, [len(z) for z in zs], targets, target.name, target.reduction)
             with torch.no_grad():
                 scores = inputs.decoder.scores(rows_batch, pad_sequences(zs)).double().cpu().numpy()
-            for (r, c), score in zip(part, scores):
-                out[list(rows).index(r), c] = -score
+            for (n, _, c), score in zip(part, scores):
+                out[n, c] = -score
         return {"losses": out}
 
     order = np.argsort([len(a) for a in seqs.arrays], kind="stable")
