@@ -128,3 +128,19 @@ def test_shared_prompt_scoring_equals_one_row_per_pair(loaded):
             rows = compose(family, [len(z)] * len(answers), answers, "content", "sum")
             plain = decoder.scores(rows, pad_sequences([z] * len(answers)))
             torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-4)
+
+
+def test_greedy_decoding_equals_generate_on_the_full_model(loaded):
+    """Batched, right-padded greedy continuations from z match the whole model's own generate()."""
+    family, samples, zs, _ = loaded
+    decoder = Decoder(family)
+    ours = decoder.greedy(zs, family.prompt_token_parts(), max_new_tokens=6)
+    eos = family.tokenizer.eos_token_id
+    for i, sample in enumerate(samples):
+        inputs = family.prepare([sample]).inputs
+        with torch.no_grad():
+            full = family.model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=eos,
+                                         pad_token_id=family.pad_token_id)
+        new = full[0, inputs["input_ids"].shape[1]:].tolist()
+        expected = new[: new.index(eos)] if eos in new else new
+        assert ours[i] == expected

@@ -59,6 +59,10 @@ class ModelFamily(ABC):
         self.device = device
         self.dtype = dtype
         self.model: nn.Module = self._load_model()
+        if getattr(cfg, "lora", None):
+            from mcollapse.models.lora import merged
+
+            self.model = merged(self.model, cfg.lora)
         self.model.to(device).eval()
         self.processor = self._load_processor()
 
@@ -115,17 +119,18 @@ class ChatFamily(ModelFamily):
         return getattr(self.processor, "tokenizer", self.processor)
 
     @abstractmethod
-    def render_prompt(self) -> str:
-        """The full prompt text with exactly one `self.placeholder` where the media goes."""
+    def render_prompt(self, user: str | None = None, system: str | None = None) -> str:
+        """The full prompt text with exactly one `self.placeholder` where the media goes; `user` and
+        `system` replace the configured prompt and system prompt (an empty system: none)."""
 
     def _adds_bos(self) -> bool:
         tok = self.tokenizer
         return tok.bos_token_id is not None and tok("a").input_ids[:1] == [tok.bos_token_id]
 
-    def prompt_token_parts(self) -> tuple[list[int], list[int]]:
+    def prompt_token_parts(self, user: str | None = None, system: str | None = None) -> tuple[list[int], list[int]]:
         """Token ids before and after the modality placeholder (BOS included once, as alone)."""
         tok = self.tokenizer
-        prefix, sep, suffix = self.render_prompt().partition(self.placeholder)
+        prefix, sep, suffix = self.render_prompt(user, system).partition(self.placeholder)
         if not sep:
             raise ValueError("prompt has no modality placeholder to put the text in")
         bos = [tok.bos_token_id] if self._adds_bos() and not prefix.startswith(tok.bos_token or "\0") else []

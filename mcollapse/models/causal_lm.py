@@ -22,7 +22,7 @@ class CausalLMFamily(ChatFamily):
         tokenizer.padding_side = "right"
         return tokenizer
 
-    def render_prompt(self) -> str:
+    def render_prompt(self, user: str | None = None, system: str | None = None) -> str:
         raise UserError(f"model '{self.cfg.name}' is text-only: it takes no audio or image prompt")
 
     def prepare(self, samples: list[Sample]) -> Batch:

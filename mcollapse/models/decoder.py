@@ -53,15 +53,17 @@ class DecoderBatch:
 
 
 def compose(family: ModelFamily, lengths: list[int], answers: list[list[int]] | None, target: str,
-            reduction: str) -> DecoderBatch:
-    """Rows `prompt-before + [placeholder] * T_i + prompt-after (+ answer_i)`, right-padded."""
+            reduction: str, parts: tuple[list[int], list[int]] | None = None) -> DecoderBatch:
+    """Rows `prompt-before + [placeholder] * T_i + prompt-after (+ answer_i)`, right-padded.
+
+    `parts` (token ids before/after the placeholder) replaces the model's configured prompt."""
     if target not in TARGETS:
         raise UserError(f"target '{target}' is not one of {', '.join(TARGETS)}")
     if reduction not in REDUCTIONS:
         raise UserError(f"target.reduction '{reduction}' is not one of {', '.join(REDUCTIONS)}")
     if target == "content" and (answers is None or len(answers) != len(lengths)):
         raise ValueError("target=content needs one answer token list per sample")
-    pre, post = family.prompt_token_parts()
+    pre, post = parts or family.prompt_token_parts()
     placeholder = family.placeholder_id
     rows, scored_from = [], []
     for i, length in enumerate(lengths):
@@ -155,13 +157,64 @@ class Decoder:
             per_sample = per_sample / scored.sum(dim=1).clamp(min=1)
         return per_sample
 
-    def answer_scores(self, z: torch.Tensor, answers: list[list[int]]) -> torch.Tensor:
+    def answer_loss(self, batch: DecoderBatch, z: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Causal-LM training loss: mean cross-entropy over every scored token of the batch, with the
+        token count and how many of them the argmax got right (token accuracy)."""
+        logits, scored = self._scored_logits(batch, z)
+        targets = batch.targets.to(self.device)[scored]
+        loss = nn.functional.cross_entropy(logits, targets)
+        return loss, int(targets.numel()), int((logits.argmax(dim=-1) == targets).sum())
+
+    @torch.no_grad()
+    def greedy(self, z: list[torch.Tensor], parts: tuple[list[int], list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations of the prompt `parts` with each z at the placeholder, batched.
+
+        Rows are right-padded; each row's new tokens continue from its own length (position ids and
+        the attention mask skip the padding), and a row stops at end-of-turn (EOS, not returned)."""
+        device, dtype = self.device, self.family.dtype
+        pre, post = parts
+        lengths = [int(t.shape[0]) for t in z]
+        rows = [pre + [self.family.placeholder_id] * n + post for n in lengths]
+        width, count = max(len(r) for r in rows), len(rows)
+        ids = torch.full((count, width), self.family.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((count, width), dtype=torch.long, device=device)
+        for b, row in enumerate(rows):
+            ids[b, : len(row)] = torch.tensor(row, device=device)
+            mask[b, : len(row)] = 1
+        embeds = self.embed(ids)
+        for b, sequence in enumerate(z):
+            embeds[b, len(pre) : len(pre) + lengths[b]] = sequence.to(device=device, dtype=dtype)
+        out = self.backbone(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
+        ends = torch.tensor([len(r) for r in rows], device=device)
+        hidden = out.last_hidden_state[torch.arange(count, device=device), ends - 1]
+        eos = self.family.tokenizer.eos_token_id
+        generated: list[list[int]] = [[] for _ in rows]
+        done = torch.zeros(count, dtype=torch.bool, device=device)
+        cache = out.cache
+        for step in range(max_new_tokens):
+            token = self.head(hidden).float().argmax(dim=-1)
+            for b in (~done).nonzero()[:, 0].tolist():
+                if eos is not None and int(token[b]) == eos:
+                    done[b] = True
+                else:
+                    generated[b].append(int(token[b]))
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones((count, 1), dtype=torch.long, device=device)], dim=1)
+            out = self.backbone(inputs_embeds=self.embed(token[:, None]), attention_mask=mask,
+                                position_ids=(ends + step)[:, None], cache=cache, use_cache=True)
+            cache = out.cache
+            hidden = out.last_hidden_state[:, -1]
+        return generated
+
+    def answer_scores(self, z: torch.Tensor, answers: list[list[int]],
+                      parts: tuple[list[int], list[int]] | None = None) -> torch.Tensor:
         """log q(y_a | z, c) summed over tokens, for many answers y_a that share one z (A,).
 
         The prompt with z runs once; its key/value cache then serves every answer, so scoring m
         targets costs one prompt pass plus m short answer passes (the GMI's all-pairs layout)."""
         device, dtype = self.device, self.family.dtype
-        pre, post = self.family.prompt_token_parts()
+        pre, post = parts or self.family.prompt_token_parts()
         length = int(z.shape[0])
         prompt = torch.tensor([pre + [self.family.placeholder_id] * length + post], device=device)
         embeds = self.embed(prompt)

@@ -24,13 +24,16 @@ class LlavaFamily(ChatFamily):
     def placeholder_id(self) -> int:
         return int(self.model.config.image_token_id)
 
-    def render_prompt(self) -> str:
+    def render_prompt(self, user: str | None = None, system: str | None = None) -> str:
         """The paper's user message, wrapped in LLaVA-1.5's chat format when the checkpoint has one."""
-        user = self.cfg.prompt if self.placeholder in self.cfg.prompt else f"{self.placeholder}\n{self.cfg.prompt}"
+        user = self.cfg.prompt if user is None else user
+        system = self.cfg.system_prompt if system is None else system
+        user = user if self.placeholder in user else f"{self.placeholder}\n{user}"
         if getattr(self.processor, "chat_template", None):
-            messages = [{"role": "user", "content": user}]
+            messages = [{"role": "system", "content": system}] if system else []
+            messages.append({"role": "user", "content": user})
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return user
+        return f"{system}\n\n{user}" if system else user
 
     def prepare(self, samples: list[Sample]) -> Batch:
         prompt = self.render_prompt()

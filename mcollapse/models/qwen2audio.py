@@ -36,11 +36,13 @@ class Qwen2AudioFamily(ChatFamily):
     def window_samples(self) -> int:
         return int(self.processor.feature_extractor.n_samples)
 
-    def render_prompt(self) -> str:
+    def render_prompt(self, user: str | None = None, system: str | None = None) -> str:
+        user = self.cfg.prompt if user is None else user
+        system = self.cfg.system_prompt if system is None else system
         messages = []
-        if self.cfg.system_prompt:
-            messages.append({"role": "system", "content": self.cfg.system_prompt})
-        content = [{"type": "audio", "audio_url": "audio"}, {"type": "text", "text": self.cfg.prompt}]
+        if system:
+            messages.append({"role": "system", "content": system})
+        content = [{"type": "audio", "audio_url": "audio"}, {"type": "text", "text": user}]
         messages.append({"role": "user", "content": content})
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
