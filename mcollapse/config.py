@@ -36,6 +36,7 @@ class ModelConfig:
         default_factory=lambda: dict.fromkeys(["encoder_output", "adapter_output", "llm_layer", "llm_final"])
     )
     build: Optional[str] = None  # offline builder name (tiny_*, smol_speech) when no hub checkpoint
+    lora: Optional[str] = None  # a saved LoRA adapter dir (experiment=lora writes one), merged at load
 
 
 @dataclass
@@ -86,6 +87,24 @@ class TargetConfig:
     reduction: str = "sum"  # sum | mean over the scored tokens
 
 
+@dataclass
+class LoraSettings:
+    name: str = "paper"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    last_layers: Optional[int] = None  # adapt only the LLM's last N layers (null: all)
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    epochs: int = 5
+    patience: int = 2  # epochs without a lower validation loss before stopping
+    batch_size: int = 1
+    grad_accum: int = 8
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True  # applied on GPU only, where memory is the limit
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(group="paths", name="base_paths", node=PathsConfig)
@@ -94,3 +113,4 @@ def register() -> None:
     cs.store(group="hook", name="base_hook", node=HookConfig)
     cs.store(group="probe", name="base_probe", node=ProbeConfig)
     cs.store(group="target", name="base_target", node=TargetConfig)
+    cs.store(group="lora", name="base_lora", node=LoraSettings)

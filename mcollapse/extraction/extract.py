@@ -44,14 +44,20 @@ def _ids_digest(records: list[Record]) -> str:
 
 
 def model_identity(family: ModelFamily) -> dict:
+    """What makes a model's activations what they are; a merged LoRA adds its weights' hash."""
     cfg = family.cfg
-    return {
+    identity = {
         "model": cfg.name,
         "source": cfg.build or cfg.local_path or cfg.hub_id,
         "checkpoint": Path(family.checkpoint).name if cfg.build else None,  # builder hash, not location
         "revision": getattr(family.model.config, "_commit_hash", None) or family.revision,
         "dtype": str(family.dtype),
     }
+    if getattr(cfg, "lora", None):
+        from mcollapse.models.lora import adapter_digest
+
+        identity["lora"] = adapter_digest(cfg.lora)
+    return identity
 
 
 def _mask_for(target: HookTarget, batch: Batch, pooling: str, hidden: torch.Tensor) -> torch.Tensor:

@@ -108,7 +108,9 @@ def adapter_sequences(family: ModelFamily, records: list[Record], dataset: dict,
     if family.modality == "text":
         raise UserError(f"model '{family.cfg.name}' is text-only: it has no adapter output")
     target = adapter_target(family)
-    key = {**(identity or model_identity(family)), "dataset": dataset, "adapter": [target.path, target.capture],
+    identity = dict(identity or model_identity(family))
+    identity.pop("lora", None)  # a merged LoRA is LLM-only (models.lora refuses others): same adapter output
+    key = {**identity, "dataset": dataset, "adapter": [target.path, target.capture],
            "window": family.cfg.audio_window_s}
     store = SequenceStore(cache_dir, key)
     todo = [r for r in records if store.get(r.id) is None and store.skip_reason(r.id) is None]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 ROW_COLUMNS = ["experiment", "model", "dataset", "hook", "info_type", "seed", "metric", "value"]
-PACKAGES = ("mcollapse", "torch", "transformers", "numpy", "scikit-learn", "hydra-core", "h5py", "pot")
+PACKAGES = ("mcollapse", "torch", "transformers", "peft", "numpy", "scikit-learn", "hydra-core", "h5py", "pot")
 
 
 def _git_sha() -> str | None:
