@@ -67,6 +67,15 @@ def test_lora_on_speech_trains_evaluates_and_probes_the_held_out_speakers(tmp_pa
               tmp_path / "probe", env)
     probe = _results(only_run_dir(tmp_path / "probe" / "outputs" / "probe" / "tiny_qwen2audio" / "synthetic_speech"))
     assert probe["counts"]["modal_rows_computed"] == 60
+    # LLM-side results of the LoRA model never come from the base model's cache entries
+    for name, extra in (("base", []), ("tuned", [f"model.lora={run / 'adapter'}"])):
+        (tmp_path / name).mkdir()
+        mcollapse(["experiment=lipschitz", *SPEECH, "dataset.max_samples=40", *extra], tmp_path / name, env)
+    runs = {name: _results(only_run_dir(tmp_path / name / "outputs" / "lipschitz" / "tiny_qwen2audio" /
+                                        "synthetic_speech")) for name in ("base", "tuned")}
+    assert runs["tuned"]["counts"]["gradients_batches_from_cache"] == 0
+    assert runs["tuned"]["counts"]["sequence_rows_computed"] == 0  # adapter outputs are shared
+    assert runs["tuned"]["summary"]["L_mean"] != runs["base"]["summary"]["L_mean"]
 
 
 def test_text_objective_control_on_images(tmp_path, env):

@@ -70,7 +70,7 @@ def run(cfg, run_dir: Path) -> dict:
     details = {"histogram": gradient_norm_histogram(grads.norms, int(exp.histogram_bins)),
                "modes_artifact": str(mode_set.path) if mode_set else None}
     rec.write(rows, summary, details)
-    write_json(lipschitz_summary_path(inputs.cache_dir, cfg.model.name, inputs.dataset, target),
+    write_json(lipschitz_summary_path(inputs.cache_dir, cfg.model, inputs.dataset, target),
                {**summary, "run_dir": str(run_dir)})
     print_metrics(f"L_log: {cfg.model.name} x {cfg.dataset.name} (target={target.name})", summary, SHOWN)
     return summary

@@ -63,6 +63,20 @@ class DecoderInputs:
     def answer(self, sample_id: str) -> list[int]:
         return self.family.answer_token_ids(self.texts[sample_id])
 
+    @property
+    def decoder_key(self) -> str:
+        """Keys results that depend on the LLM's weights: the sequences' key (shared by a base model
+        and its LoRA variants, whose adapter outputs are the same) plus the merged adapter's hash."""
+        return self.sequences.key + llm_suffix(self.family.cfg)
+
+
+def llm_suffix(model_cfg) -> str:
+    if not getattr(model_cfg, "lora", None):
+        return ""
+    from mcollapse.models.lora import adapter_digest
+
+    return f"+lora-{adapter_digest(model_cfg.lora)}"
+
 
 def decoder_inputs(cfg, rec: RunRecorder, selection: Selection) -> DecoderInputs:
     cache_dir = Path(cfg.paths.cache_dir)
@@ -119,7 +133,7 @@ def modes(inputs: DecoderInputs, rec: RunRecorder, n_modes: int, ms_threshold: f
     text_ids = inputs.with_text()
     if len(text_ids) < 3:
         raise UserError(f"mode alignment needs texts for at least 3 samples, found {len(text_ids)}")
-    key = cache_key({"kind": "modes", "sequences": seqs.key, "ids": ids_digest(seqs.ids),
+    key = cache_key({"kind": "modes", "sequences": inputs.decoder_key, "ids": ids_digest(seqs.ids),
                      "text_ids": ids_digest(text_ids),
                      "n_modes": int(n_modes), "ms_threshold": float(ms_threshold),
                      "thresholds": [float(t) for t in thresholds]})
@@ -194,7 +208,7 @@ def gradients(inputs: DecoderInputs, rec: RunRecorder, ids: list[str], target, b
     answers = [inputs.answer(i) for i in ids] if target.name == "content" else None
     extra = np.array([len(a) for a in answers]) if answers else np.zeros(len(ids), dtype=int)
     order = np.argsort(lengths + extra, kind="stable")
-    key = cache_key({"kind": "gradients", "sequences": inputs.sequences.key, "ids": ids_digest(ids),
+    key = cache_key({"kind": "gradients", "sequences": inputs.decoder_key, "ids": ids_digest(ids),
                      "target": target.name, "reduction": target.reduction, "batch_size": int(batch_size),
                      "modes": mode_set.key if mode_set else None, "dtype": str(inputs.family.dtype)})
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
@@ -292,8 +306,9 @@ def batch_size_of(cfg) -> int:
     return int(size)
 
 
-def lipschitz_summary_path(cache_dir: Path, model: str, dataset: dict, target) -> Path:
+def lipschitz_summary_path(cache_dir: Path, model_cfg, dataset: dict, target) -> Path:
     """Where a lipschitz run leaves its summary for later experiments (W1 x L, the GMI bound)."""
+    model = f"{model_cfg.name}{llm_suffix(model_cfg)}"
     name = f"{model}-{dataset['name']}-{dataset['fingerprint'][:12]}-{target.name}-{target.reduction}.json"
     return Path(cache_dir) / "summaries" / "lipschitz" / name
 

@@ -100,7 +100,7 @@ def run(cfg, run_dir: Path) -> dict:
 
     batch = batch_size_of(cfg)
     batches = [np.arange(s, min(s + batch, len(ids))) for s in range(0, len(ids), batch)]
-    key = cache_key({"kind": "msswap", "sequences": inputs.sequences.key, "ids": ids_digest(ids), "basis": basis_source,
+    key = cache_key({"kind": "msswap", "sequences": inputs.decoder_key, "ids": ids_digest(ids), "basis": basis_source,
                      "group_by": str(exp.group_by), "n_draws": n_draws, "seed": int(cfg.seed), "target": target.name,
                      "reduction": target.reduction, "batch": batch, "dtype": str(inputs.family.dtype)})
     gather = sharded_pass(rec, inputs.cache_dir / "msswap" / key, batches, "msswap", measure)

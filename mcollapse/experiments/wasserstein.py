@@ -63,7 +63,7 @@ def _with_lipschitz(cfg, selection, w1: float) -> dict:
     As in the paper, L is a norm over the adapter-output sequence and W1 is between pooled clouds
     at an LLM hook: the product is a scale comparison, not the bound's exact term."""
     dataset = {"name": cfg.dataset.name, "fingerprint": selection.fingerprint}
-    path = lipschitz_summary_path(Path(cfg.paths.cache_dir), cfg.model.name, dataset, cfg.target)
+    path = lipschitz_summary_path(Path(cfg.paths.cache_dir), cfg.model, dataset, cfg.target)
     if not path.is_file():
         log.info("no lipschitz result for %s x %s (target=%s): run experiment=lipschitz for L x W1",
                  cfg.model.name, cfg.dataset.name, cfg.target.name)
