@@ -71,7 +71,7 @@ def modal_and_text(cfg, rec: RunRecorder, selection: Selection) -> ExtractedInpu
     with rec.stage("load_model"):
         family = load_model(cfg.model, cache_dir, cfg.device)
     rec.extra_meta["checkpoint"] = family.checkpoint
-    family_modality = family.modality
+    cuts_long_audio = family.cuts_long_audio
     with rec.stage("extract_modal"):
         modal = extract_modal(family, records, dataset, cfg.hook, cache_dir, bool(cfg.strict), int(cfg.flush_every))
     text = None
@@ -88,8 +88,8 @@ def modal_and_text(cfg, rec: RunRecorder, selection: Selection) -> ExtractedInpu
     release_memory()
     rec.counts.update({
         "n_modal": len(modal.activations.ids), "modal_skipped": modal.skipped,
-        "n_audio_cut_to_window": count_longer_than(records, cfg.model.audio_window_s)
-        if family_modality == "audio" else 0, "modal_rows_computed": modal.computed,
+        "n_audio_cut_to_window": count_longer_than(records, cfg.model.audio_window_s) if cuts_long_audio else 0,
+        "modal_rows_computed": modal.computed,
     })
     if text is not None:
         rec.counts.update({"n_text": len(text.activations.ids), "text_skipped": len(text.skipped),

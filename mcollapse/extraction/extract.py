@@ -66,9 +66,12 @@ def _mask_for(target: HookTarget, batch: Batch, pooling: str, hidden: torch.Tens
     if target.role in LLM_ROLES:
         return batch.token_mask if pooling == "all" else batch.modal_token_mask
     width = hidden.shape[1]
-    if batch.frame_lengths is None:
+    lengths = batch.frame_lengths
+    if target.role == "encoder_output" and batch.encoder_frame_lengths is not None:
+        lengths = batch.encoder_frame_lengths
+    if lengths is None:
         return torch.ones(hidden.shape[:2], dtype=torch.bool)
-    return torch.arange(width)[None, :] < batch.frame_lengths[:, None]
+    return torch.arange(width)[None, :] < lengths[:, None]
 
 
 def _batches(items: list, size: int):
@@ -121,13 +124,18 @@ def _run(family, records, targets, key_fields, cache_dir, batch_size, flush_ever
     return Extraction(activations, targets, store.key, computed, dict(activations.skipped))
 
 
-def readable_samples(records: list[Record], strict: bool, record_skip) -> list:
-    """Load each record's media; an unreadable one is fatal when strict, else skipped and passed
-    to `record_skip(id, reason)` so it is counted in the results."""
+def readable_samples(records: list[Record], strict: bool, record_skip, problem=None) -> list:
+    """Load each record's media; an unreadable one (or one `problem(sample)` names a reason for,
+    such as audio a model will not cut) is fatal when strict, else skipped and passed to
+    `record_skip(id, reason)` so it is counted in the results."""
     samples = []
     for record in records:
         try:
-            samples.append(load_media(record))
+            sample = load_media(record)
+            reason = problem(sample) if problem is not None else None
+            if reason:
+                raise MediaError(reason)
+            samples.append(sample)
         except MediaError as err:
             if strict:
                 raise UserError(f"sample {record.id} ({record.path}): {err}") from None
@@ -176,7 +184,7 @@ def extract_modal(family: ModelFamily, records: list[Record], dataset: dict, hoo
     }
 
     def make_batch(chunk, store):
-        samples = readable_samples(chunk, strict, store.add_skipped)
+        samples = readable_samples(chunk, strict, store.add_skipped, family.sample_problem)
         return family.prepare(samples) if samples else None
 
     size_of = audio_seconds if family.modality == "audio" else None

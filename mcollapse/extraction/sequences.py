@@ -122,7 +122,7 @@ def adapter_sequences(family: ModelFamily, records: list[Record], dataset: dict,
         with progress_bar(f"adapter sequences {family.cfg.name}/{dataset['name']}", total=len(todo)) as advance:
             for start in range(0, len(todo), size):
                 chunk = todo[start : start + size]
-                samples = readable_samples(chunk, strict, store.put_skip)
+                samples = readable_samples(chunk, strict, store.put_skip, family.sample_problem)
                 if samples:
                     batch = family.prepare(samples).to(family.device, family.dtype)
                     inputs = dict(batch.inputs)

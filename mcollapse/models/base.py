@@ -29,7 +29,8 @@ class Batch:
     `frame_lengths` counts the valid encoder/adapter positions per sample (None: all valid, as
     for fixed image patches); `token_mask` marks real (non-padding) LLM positions (B, L);
     `modal_token_mask` marks the audio/image positions inside the LLM sequence (for text input:
-    the text's own tokens).
+    the text's own tokens); `encoder_frame_lengths` counts the encoder's valid positions where
+    they differ from the adapter's (None: the same as `frame_lengths`).
     """
 
     ids: list[str]
@@ -37,6 +38,7 @@ class Batch:
     token_mask: torch.Tensor
     modal_token_mask: torch.Tensor
     frame_lengths: torch.Tensor | None = None
+    encoder_frame_lengths: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
         moved = {}
@@ -52,6 +54,7 @@ class ModelFamily(ABC):
     """One loaded model of a family. Subclasses set `modality` and implement the abstract parts."""
 
     modality: str = "text"
+    cuts_long_audio: bool = False  # True: audio beyond the encoder window is cut off (and counted)
 
     def __init__(self, cfg, checkpoint: str | Path, device: torch.device, dtype: torch.dtype):
         self.cfg = cfg
@@ -94,6 +97,10 @@ class ModelFamily(ABC):
     def prepare_text(self, ids: list[str], texts: list[str], fmt: str = "prompt") -> Batch:
         """Text through this model's own LLM: `prompt` puts the text where the audio/image stood,
         `raw` feeds the bare text (as the earlier text baselines did)."""
+
+    def sample_problem(self, sample: Sample) -> str | None:
+        """Why this model cannot take a readable sample whole (it is then skipped and counted)."""
+        return None
 
     def adapter_module_names(self) -> tuple[str, ...]:
         """Attribute names a family's modality projector goes by, searched in this order."""

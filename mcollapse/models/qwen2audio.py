@@ -18,6 +18,7 @@ def encoder_frames(mel_lengths: torch.Tensor) -> torch.Tensor:
 
 class Qwen2AudioFamily(ChatFamily):
     modality = "audio"
+    cuts_long_audio = True  # as Qwen2-Audio's processor does
     placeholder = "<|AUDIO|>"
 
     def _load_model(self):
