@@ -68,6 +68,15 @@ def test_tiny_llava_on_synthetic_vision(tmp_path, env):
     assert {"object_category", "super_category", "object_count"} <= set(modal)
 
 
+def test_tiny_ultravox_on_synthetic_speech(tmp_path, env):
+    mcollapse(["model=tiny_ultravox", "dataset=synthetic_speech", *SMALL_SPEECH], tmp_path, env)
+    run = only_run_dir(tmp_path / "outputs" / "probe" / "tiny_ultravox" / "synthetic_speech")
+    results = json.loads((run / "results.json").read_text())
+    probes = results["summary"]["probes"]
+    assert set(probes["modal"]["speaker"]) == {"encoder_output", "adapter_output", "llm_layer_16", "llm_final"}
+    assert "llm_final" in probes["text"]["lexical"] and results["counts"]["modal_skipped"] == {}
+
+
 def test_text_baseline_from_another_model(tmp_path, env):
     mcollapse(["model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
                "experiment.text.source=tiny_llama", "hook.roles=[adapter_output,llm_final]"], tmp_path, env)

@@ -21,8 +21,11 @@ def _summary(root, experiment, model, dataset):
     return run, json.loads((run / "results.json").read_text())
 
 
-@pytest.mark.parametrize("args,model,dataset,group", [(SPEECH, "tiny_qwen2audio", "synthetic_speech", "speaker"),
-                                                      (VISION, "tiny_llava", "synthetic_vision", "object_category")])
+@pytest.mark.parametrize("args,model,dataset,group", [
+    (SPEECH, "tiny_qwen2audio", "synthetic_speech", "speaker"),
+    (VISION, "tiny_llava", "synthetic_vision", "object_category"),
+    (["model=tiny_ultravox", *SPEECH[1:]], "tiny_ultravox", "synthetic_speech", "speaker"),
+])
 def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, args, model, dataset, group):
     mcollapse(["experiment=lipschitz", *args], tmp_path, env)
     run, results = _summary(tmp_path, "lipschitz", model, dataset)

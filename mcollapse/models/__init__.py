@@ -14,6 +14,8 @@ FAMILIES = {
     "qwen2audio": "mcollapse.models.qwen2audio:Qwen2AudioFamily",
     "llava": "mcollapse.models.llava:LlavaFamily",
     "causal_lm": "mcollapse.models.causal_lm:CausalLMFamily",
+    "ultravox": "mcollapse.models.ultravox:UltravoxFamily",
+    "prismatic": "mcollapse.models.prismatic:PrismaticFamily",
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

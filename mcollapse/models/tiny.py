@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,10 +47,13 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
-TINY_MODELS = ("tiny_qwen2audio", "tiny_llava", "tiny_llama")
+from mcollapse.models.prismatic import build_tiny_prismatic
+from mcollapse.models.ultravox import build_tiny_ultravox
+
+TINY_MODELS = ("tiny_qwen2audio", "tiny_llava", "tiny_llama", "tiny_ultravox", "tiny_prismatic")
 
 # Bump whenever the files a builder writes change in a way the spec below does not capture.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 
 WEIGHT_SEED = 1234
 TOKENIZER_VOCAB_SIZE = 768
@@ -127,6 +131,15 @@ VICUNA_CHAT_TEMPLATE = (
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# Mirrors the Llama-3.1 chat layout Ultravox uses: header-framed turns ending in <|eot_id|>.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 
 # Prompts and chat scaffolding; repeated in training so they become few, whole-word tokens.
@@ -212,6 +225,15 @@ LLAMA_TOKENIZER = TokenizerRoles(
     eos_token="</s>",
     pad_token="<pad>",
     unk_token="<unk>",
+    prepend_bos=True,
+)
+
+LLAMA3_TOKENIZER = TokenizerRoles(
+    special_tokens=("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    bos_token="<|begin_of_text|>",
+    eos_token="<|eot_id|>",
+    pad_token="<|end_of_text|>",
+    unk_token=None,
     prepend_bos=True,
 )
 
@@ -383,7 +405,13 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny_qwen2audio": build_tiny_qwen2audio,
     "tiny_llava": build_tiny_llava,
     "tiny_llama": build_tiny_llama,
+    "tiny_ultravox": build_tiny_ultravox,
+    "tiny_prismatic": build_tiny_prismatic,
 }
+
+# Twins whose architecture lives in their family's module: a change there rebuilds them.
+BUILDER_MODULES = {"tiny_ultravox": ("mcollapse.models.ultravox",),
+                   "tiny_prismatic": ("mcollapse.models.prismatic", "mcollapse.models.vit")}
 
 
 def builder_fingerprint(name: str) -> str:
@@ -404,12 +432,18 @@ def builder_fingerprint(name: str) -> str:
                   AUDIO_D_MODEL],
         "vision": [IMAGE_SIZE, IMAGE_PATCH_SIZE, VISION_HIDDEN_SIZE],
         "corpus": [PROMPT_CORPUS, PROMPT_REPEATS, TOKENIZER_CORPUS],
-        "templates": [QWEN2AUDIO_CHAT_TEMPLATE, VICUNA_CHAT_TEMPLATE],
+        "templates": [QWEN2AUDIO_CHAT_TEMPLATE, VICUNA_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE],
         "transformers": transformers.__version__,
         "torch": torch.__version__,
+        "sources": [_source_digest(sys.modules[m].__file__) for m in (__name__, *BUILDER_MODULES.get(name, ()))],
     }
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode("utf-8")).hexdigest()
     return digest[:10]
+
+
+def _source_digest(path) -> str:
+    """A builder's module source: a changed twin architecture or size never reuses an old checkpoint."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 @contextmanager
