@@ -153,6 +153,9 @@ def run(cfg, run_dir: Path) -> dict:
     rec = recorder(cfg, run_dir)
     cache_dir = Path(cfg.paths.cache_dir)
     selection = selected_records(cfg, rec)
+    _column(cfg, selection.records, label, "the task label")  # a label or grouping that cannot work fails
+    if exp.group_by:                                            # before the model loads
+        _column(cfg, selection.records, str(exp.group_by), "the split grouping")
     dataset = {"name": cfg.dataset.name, "fingerprint": selection.fingerprint}
     with rec.stage("load_model"):
         family = load_model(cfg.model, cache_dir, cfg.device)
