@@ -59,7 +59,7 @@ def _column(cfg, records, info_type: str, purpose: str) -> list:
 
 
 def labelled_split(cfg, records, rec) -> tuple[dict[str, str], dict[str, list[str]], dict[str, str]]:
-    """Gold label per usable id, the group-disjoint split, and each id's group."""
+    """Gold label per labelled id, the group-disjoint split, and each id's group."""
     exp = cfg.experiment
     values = _column(cfg, records, str(exp.label), "the task label")
     groups = _column(cfg, records, str(exp.group_by), "the split grouping") if exp.group_by else \
@@ -70,7 +70,7 @@ def labelled_split(cfg, records, rec) -> tuple[dict[str, str], dict[str, list[st
             gold[record.id], group_of[record.id] = value, group
     rec.counts["n_without_label_or_group"] = len(records) - len(gold)
     if len(set(gold.values())) < 2:
-        raise UserError(f"label '{exp.label}' has fewer than 2 classes among the usable samples")
+        raise UserError(f"label '{exp.label}' has fewer than 2 classes among the selected samples")
     ids = list(gold)
     try:
         split = group_split(ids, [group_of[i] for i in ids], float(exp.val), float(exp.test), int(cfg.seed))
@@ -153,9 +153,7 @@ def run(cfg, run_dir: Path) -> dict:
     rec = recorder(cfg, run_dir)
     cache_dir = Path(cfg.paths.cache_dir)
     selection = selected_records(cfg, rec)
-    _column(cfg, selection.records, label, "the task label")  # a label or grouping that cannot work fails
-    if exp.group_by:                                            # before the model loads
-        _column(cfg, selection.records, str(exp.group_by), "the split grouping")
+    gold, split, group_of = labelled_split(cfg, selection.records, rec)  # fails before the model loads
     dataset = {"name": cfg.dataset.name, "fingerprint": selection.fingerprint}
     with rec.stage("load_model"):
         family = load_model(cfg.model, cache_dir, cfg.device)
@@ -165,8 +163,10 @@ def run(cfg, run_dir: Path) -> dict:
     with rec.stage("adapter_sequences"):
         sequences = adapter_sequences(family, selection.records, dataset, cache_dir, bool(cfg.strict))
     rec.counts.update({"n_usable": len(sequences.ids), "n_unreadable": len(sequences.skipped)})
+    readable = set(sequences.ids)  # unreadable clips leave their part; groups stay disjoint
+    split = {part: [i for i in ids if i in readable] for part, ids in split.items()}
+    gold = {i: value for i, value in gold.items() if i in readable}
     by_id = {r.id: r for r in selection.records}
-    gold, split, group_of = labelled_split(cfg, [by_id[i] for i in sequences.ids], rec)
     _write_split(run_dir / "split.json", cfg, split, group_of, gold)
     choices = sorted(set(gold.values()))
     test_ids = split["test"]

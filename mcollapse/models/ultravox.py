@@ -42,7 +42,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from mcollapse.data.base import SAMPLE_RATE, Sample
 from mcollapse.errors import UserError
-from mcollapse.models.base import Batch, ChatFamily
+from mcollapse.models.base import Batch, ChatFamily, pad_token_rows
 
 MODEL_TYPE = "ultravox"
 ENCODER_DOWNSAMPLING = 2  # Whisper's stride-2 second convolution
@@ -360,8 +360,9 @@ class UltravoxFamily(ChatFamily):
         shortest = 2 * self.processor.feature_extractor.hop_length
         audio = []
         for sample in samples:
-            if self.sample_problem(sample):
-                raise ValueError(f"sample {sample.id}: {self.sample_problem(sample)}")
+            problem = self.sample_problem(sample)
+            if problem:
+                raise ValueError(f"sample {sample.id}: {problem}")
             audio.append(np.pad(sample.audio, (0, max(0, shortest - sample.audio.shape[0]))))
         mels = [self._log_mel(wave) for wave in audio]  # alone: a clip's frames never see its batch
         mel_lengths = torch.tensor([m.shape[-1] for m in mels])
@@ -373,18 +374,12 @@ class UltravoxFamily(ChatFamily):
         tokens = (encoder_lengths + stack - 1) // stack
         pre, post = self.prompt_token_parts()
         rows = [pre + [self.placeholder_id] * int(n) + post for n in tokens]
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        audio_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for b, row in enumerate(rows):
-            input_ids[b, : len(row)] = torch.tensor(row)
-            attention[b, : len(row)] = 1
-            audio_mask[b, len(pre) : len(pre) + int(tokens[b])] = True
-        inputs = {"input_ids": input_ids, "attention_mask": attention, "audio_values": audio_values,
-                  "audio_lens": mel_lengths, "audio_token_mask": audio_mask}
-        return Batch(ids=[s.id for s in samples], inputs=inputs, token_mask=attention.bool(),
-                     modal_token_mask=audio_mask, frame_lengths=tokens, encoder_frame_lengths=encoder_lengths)
+        marks = [[0] * len(pre) + [1] * int(n) + [0] * len(post) for n in tokens]
+        batch = pad_token_rows([s.id for s in samples], rows, marks, pad_id=self.pad_token_id)
+        batch.inputs.update({"audio_values": audio_values, "audio_lens": mel_lengths,
+                             "audio_token_mask": batch.modal_token_mask})
+        batch.frame_lengths, batch.encoder_frame_lengths = tokens, encoder_lengths
+        return batch
 
 
 def build_tiny_ultravox(out_dir: Path) -> None:
