@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import soundfile
@@ -85,3 +87,25 @@ def test_gradient_pass_resumes_from_its_shards_with_identical_results(family, re
     np.testing.assert_allclose(again.norms, first.norms, rtol=1e-6)
     np.testing.assert_array_equal(again.n_scored, first.n_scored)
     assert again.ids == sequences.ids and np.all(first.norms > 0)
+
+
+def test_job_waiting_on_the_lock_finds_the_sequences_and_computes_nothing(family, records, tmp_path):
+    """Two jobs released together: one runs the encoder, the other waits on the entry's lock, then reads.
+    Threads suffice: flock excludes two opens of the lock file in one process as it does two processes."""
+    barrier = threading.Barrier(2)
+    results = [None, None]
+
+    def job(slot):
+        barrier.wait(30)
+        results[slot] = adapter_sequences(family, records, DATASET, tmp_path / "cache")
+
+    threads = [threading.Thread(target=job, args=(slot,)) for slot in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(r.computed for r in results) == [0, len(records)]
+    assert results[0].ids == results[1].ids == [r.id for r in records]
+    for first, second in zip(results[0].arrays, results[1].arrays):
+        np.testing.assert_array_equal(first, second)
+    assert (tmp_path / "cache" / "sequences" / results[0].key / ".lock").is_file()

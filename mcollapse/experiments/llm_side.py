@@ -2,7 +2,8 @@
 
 The encoder runs once per sample (cached adapter sequences); the eigenbasis is computed once per
 model x dataset x setting, and the gradient pass once per sample set x target x basis. Each step
-caches its output under `paths.cache_dir`, so whichever experiment comes first pays for it.
+caches its output under `paths.cache_dir`, so whichever experiment comes first pays for it (under a
+lock: concurrent jobs wanting the same output wait for it rather than compute it too).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from mcollapse.analysis.modes import (
 )
 from mcollapse.errors import UserError
 from mcollapse.experiments.common import Selection
-from mcollapse.extraction.cache import cache_key
+from mcollapse.extraction.cache import cache_key, cache_lock
 from mcollapse.extraction.sequences import Sequences, adapter_sequences
 from mcollapse.models import load_model
 from mcollapse.models.base import ModelFamily
@@ -138,17 +139,20 @@ def modes(inputs: DecoderInputs, rec: RunRecorder, n_modes: int, ms_threshold: f
                      "n_modes": int(n_modes), "ms_threshold": float(ms_threshold),
                      "thresholds": [float(t) for t in thresholds]})
     path = inputs.cache_dir / "modes" / f"{key}.npz"
+    basis = alignment = None
     with rec.stage("modes"):
-        if path.is_file():
+        if not path.is_file():
+            with cache_lock(path.with_name(f"{key}.lock")):
+                if not path.is_file():  # else another job saved it while this one waited
+                    basis = eigenbasis(seqs.pooled(), n_modes=int(n_modes))
+                    text = np.stack([inputs.text_sequence(i).astype(np.float64).mean(axis=0) for i in text_ids])
+                    alignment = mode_alignment(basis, text, ms_threshold=float(ms_threshold), thresholds=thresholds)
+                    meta = {"model": inputs.family.cfg.name, "dataset": inputs.dataset, "space": "adapter_output",
+                            "text": "token embeddings of the transcript/caption, pooled", "n_modal": len(seqs.ids),
+                            "n_text": len(text_ids), "sequences_key": seqs.key}
+                    save_basis(path, basis, alignment, meta)
+        if basis is None:
             basis, alignment, _ = load_basis(path)
-        else:
-            basis = eigenbasis(seqs.pooled(), n_modes=int(n_modes))
-            text = np.stack([inputs.text_sequence(i).astype(np.float64).mean(axis=0) for i in text_ids])
-            alignment = mode_alignment(basis, text, ms_threshold=float(ms_threshold), thresholds=thresholds)
-            meta = {"model": inputs.family.cfg.name, "dataset": inputs.dataset, "space": "adapter_output",
-                    "text": "token embeddings of the transcript/caption, pooled", "n_modal": len(seqs.ids),
-                    "n_text": len(text_ids), "sequences_key": seqs.key}
-            save_basis(path, basis, alignment, meta)
     return Modes(basis, alignment, path, key, text_ids)
 
 
@@ -221,20 +225,25 @@ def gradients(inputs: DecoderInputs, rec: RunRecorder, ids: list[str], target, b
 def sharded_pass(rec: RunRecorder, root: Path, batches: list[np.ndarray], label: str, compute):
     """Run `compute(rows) -> {name: per-row array}` over the batches, each result a durable shard,
     so an interrupted pass resumes where it stopped. Returns `gather(name)`: that array over all
-    rows in their original order (None if the pass does not produce it)."""
+    rows in their original order (None if the pass does not produce it). Missing shards are computed
+    under a lock on `root`, so concurrent jobs running the same pass compute each batch once."""
     root.mkdir(parents=True, exist_ok=True)
-    done = sum((root / f"batch-{b:05d}.npz").is_file() for b in range(len(batches)))
-    if done:
-        log.info("%s: %d of %d batches already cached", label, done, len(batches))
+    shards = [root / f"batch-{b:05d}.npz" for b in range(len(batches))]
     rec.counts[f"{label}_batches"] = len(batches)
-    rec.counts[f"{label}_batches_from_cache"] = done
-    with rec.stage(label), progress_bar(label, total=len(batches)) as advance:
-        for b, rows in enumerate(batches):
-            shard = root / f"batch-{b:05d}.npz"
-            if not shard.is_file():
-                _save_npz(shard, rows=np.asarray(rows), **compute(rows))
-            advance(1)
-    parts = [np.load(root / f"batch-{b:05d}.npz") for b in range(len(batches))]
+    rec.counts[f"{label}_batches_from_cache"] = len(batches)
+    with rec.stage(label):
+        if not all(shard.is_file() for shard in shards):
+            with cache_lock(root / ".lock"):
+                done = sum(shard.is_file() for shard in shards)  # another job may have written some meanwhile
+                if done:
+                    log.info("%s: %d of %d batches already cached", label, done, len(batches))
+                rec.counts[f"{label}_batches_from_cache"] = done
+                with progress_bar(label, total=len(batches)) as advance:
+                    for shard, rows in zip(shards, batches):
+                        if not shard.is_file():
+                            _save_npz(shard, rows=np.asarray(rows), **compute(rows))
+                        advance(1)
+    parts = [np.load(shard) for shard in shards]
     position = np.concatenate([p["rows"] for p in parts])
     inverse = np.empty_like(position)
     inverse[position] = np.arange(len(position))

@@ -102,6 +102,28 @@ def _name_ids(ids: Iterable[str]) -> str:
     return shown + (f" (and {more} more)" if more > 0 else "")
 
 
+@contextlib.contextmanager
+def cache_lock(lock_file: Path) -> Iterator[None]:
+    """Hold the inter-process lock ``lock_file`` while checking for, and computing, a cached artifact.
+
+    Concurrent jobs needing the same artifact then compute it once: the others wait, and must look
+    again after acquiring, since the holder may have written it meanwhile. flock-based, so the OS
+    drops the lock if its holder dies; waiting is logged, so a job that seems idle says why.
+    """
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(lock_file))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        log.info("waiting for another process holding %s", lock_file)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _fsync_path(path: Path) -> None:
     """fsync a file or directory by path (a directory fsync makes a rename durable)."""
     fd = os.open(path, os.O_RDONLY)

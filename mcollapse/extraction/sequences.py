@@ -3,11 +3,12 @@
 Gradients, GMI scores, ablations and swaps all feed the LLM the adapter output z (T_i x d, valid
 frames only). It is computed once per sample by a forward that stops as soon as the adapter has
 fired (the LLM never runs) and kept as one `.npy` file per sample, published by rename: a crash
-leaves only complete files, concurrent jobs writing the same sample write the same bytes, and any
-sample selection of the same model x dataset reuses what is there.
+leaves only complete files, and any sample selection of the same model x dataset reuses what is
+there. Jobs compute under the entry's lock, so concurrent jobs needing the same samples run the
+encoder on each once: the others wait, then read.
 
-Layout: ``<cache_dir>/sequences/<key>/entry.json`` (key fields) and ``<sha>.npy`` per sample, or
-``<sha>.skip.json`` for a sample whose media could not be read.
+Layout: ``<cache_dir>/sequences/<key>/entry.json`` (key fields), ``.lock``, and ``<sha>.npy`` per
+sample, or ``<sha>.skip.json`` for a sample whose media could not be read.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ import torch
 
 from mcollapse.data.base import Record
 from mcollapse.errors import UserError
-from mcollapse.extraction.cache import cache_key
+from mcollapse.extraction.cache import cache_key, cache_lock
 from mcollapse.extraction.extract import audio_seconds, model_identity, readable_samples
 from mcollapse.extraction.hooks import capture
 from mcollapse.models.base import ModelFamily
 from mcollapse.progress import progress_bar
 
 _FP16_MAX = 60000.0  # below float16's max with room for rounding
+_LOCK_NAME = ".lock"
 
 
 @dataclass
@@ -94,6 +96,36 @@ class SequenceStore:
     def put_skip(self, sample_id: str, reason: str) -> None:
         self._publish_text(self._stem(sample_id).with_suffix(".skip.json"), json.dumps({"reason": reason}))
 
+    def missing(self, records: list[Record]) -> list[Record]:
+        """The records with neither a stored output nor a skip record."""
+        return [r for r in records if not self._stem(r.id).with_suffix(".npy").exists()
+                and self.skip_reason(r.id) is None]
+
+
+def _compute(family: ModelFamily, target, store: SequenceStore, todo: list[Record], strict: bool,
+             label: str) -> int:
+    """Run the encoder on ``todo`` (shortest clips first, to limit padding) and store each output."""
+    if family.modality == "audio":
+        todo = sorted(todo, key=audio_seconds)
+    size = int(family.cfg.batch_size)
+    computed = 0
+    with progress_bar(f"adapter sequences {label}", total=len(todo)) as advance:
+        for start in range(0, len(todo), size):
+            chunk = todo[start : start + size]
+            samples = readable_samples(chunk, strict, store.put_skip, family.sample_problem)
+            if samples:
+                batch = family.prepare(samples).to(family.device, family.dtype)
+                inputs = dict(batch.inputs)
+                hidden = capture(family.model, [target], lambda: family.model(**inputs, use_cache=False))
+                out = hidden[target.name].float().cpu()
+                lengths = batch.frame_lengths if batch.frame_lengths is not None else \
+                    torch.full((out.shape[0],), out.shape[1])
+                for i, sample_id in enumerate(batch.ids):
+                    store.put(sample_id, out[i, : int(lengths[i])].numpy())
+                computed += len(batch.ids)
+            advance(len(chunk))
+    return computed
+
 
 def adapter_target(family: ModelFamily):
     from mcollapse.models.roles import resolve_hooks
@@ -113,27 +145,13 @@ def adapter_sequences(family: ModelFamily, records: list[Record], dataset: dict,
     key = {**identity, "dataset": dataset, "adapter": [target.path, target.capture],
            "window": family.cfg.audio_window_s}
     store = SequenceStore(cache_dir, key)
-    todo = [r for r in records if store.get(r.id) is None and store.skip_reason(r.id) is None]
     computed = 0
-    if todo:
-        if family.modality == "audio":
-            todo.sort(key=audio_seconds)
-        size = int(family.cfg.batch_size)
-        with progress_bar(f"adapter sequences {family.cfg.name}/{dataset['name']}", total=len(todo)) as advance:
-            for start in range(0, len(todo), size):
-                chunk = todo[start : start + size]
-                samples = readable_samples(chunk, strict, store.put_skip, family.sample_problem)
-                if samples:
-                    batch = family.prepare(samples).to(family.device, family.dtype)
-                    inputs = dict(batch.inputs)
-                    hidden = capture(family.model, [target], lambda: family.model(**inputs, use_cache=False))
-                    out = hidden[target.name].float().cpu()
-                    lengths = batch.frame_lengths if batch.frame_lengths is not None else \
-                        torch.full((out.shape[0],), out.shape[1])
-                    for i, sample_id in enumerate(batch.ids):
-                        store.put(sample_id, out[i, : int(lengths[i])].numpy())
-                    computed += len(batch.ids)
-                advance(len(chunk))
+    if store.missing(records):
+        with cache_lock(store.root / _LOCK_NAME):
+            # Another job may have computed them while this one waited for the lock.
+            todo = store.missing(records)
+            if todo:
+                computed = _compute(family, target, store, todo, strict, f"{family.cfg.name}/{dataset['name']}")
     ids, arrays, skipped = [], [], {}
     for record in records:
         array = store.get(record.id)
