@@ -22,6 +22,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -50,7 +51,8 @@ from transformers import (
 from mcollapse.models.prismatic import build_tiny_prismatic
 from mcollapse.models.ultravox import build_tiny_ultravox
 
-TINY_MODELS = ("tiny_qwen2audio", "tiny_llava", "tiny_llama", "tiny_ultravox", "tiny_prismatic")
+TINY_MODELS = ("tiny_qwen2audio", "tiny_llava", "tiny_llama", "tiny_ultravox", "tiny_prismatic",
+               "tiny_prismatic_siglip")
 
 # Bump whenever the files a builder writes change in a way the spec below does not capture.
 BUILDER_VERSION = "2"
@@ -407,11 +409,13 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny_llama": build_tiny_llama,
     "tiny_ultravox": build_tiny_ultravox,
     "tiny_prismatic": build_tiny_prismatic,
+    "tiny_prismatic_siglip": partial(build_tiny_prismatic, vision_backbone_id="tiny-siglip-vit"),
 }
 
 # Twins whose architecture lives in their family's module: a change there rebuilds them.
 BUILDER_MODULES = {"tiny_ultravox": ("mcollapse.models.ultravox",),
-                   "tiny_prismatic": ("mcollapse.models.prismatic", "mcollapse.models.vit")}
+                   "tiny_prismatic": ("mcollapse.models.prismatic", "mcollapse.models.vit"),
+                   "tiny_prismatic_siglip": ("mcollapse.models.prismatic", "mcollapse.models.vit")}
 
 
 def builder_fingerprint(name: str) -> str:
