@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mcollapse.config import register
-from mcollapse.errors import UserError
+from mcollapse.errors import ChecksFailed, UserError
 from mcollapse.runtime import release_memory, seed_everything
 
 log = logging.getLogger("mcollapse")
@@ -95,7 +95,7 @@ def _app(cfg: DictConfig) -> None:
             if isinstance(err, UserError):
                 log.error("%s", err)
                 print(f"mcollapse: error: {err}", file=sys.stderr)
-                sys.exit(2)
+                sys.exit(1 if isinstance(err, ChecksFailed) else 2)
             raise
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -11,3 +11,7 @@ class DataError(UserError):
 
 class MediaError(Exception):
     """One sample's audio or image could not be read; the sample is skipped and counted."""
+
+
+class ChecksFailed(UserError):
+    """Results disagree with expected values (experiment=verify); the command exits with status 1."""
