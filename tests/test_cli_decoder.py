@@ -24,8 +24,7 @@ def _summary(root, experiment, model, dataset):
 @pytest.mark.parametrize("args,model,dataset,group", [
     (SPEECH, "tiny_qwen2audio", "synthetic_speech", "speaker"),
     (VISION, "tiny_llava", "synthetic_vision", "object_category"),
-    (["model=tiny_ultravox", *SPEECH[1:]], "tiny_ultravox", "synthetic_speech", "speaker"),
-])
+])  # the Ultravox and Prismatic twins run these experiments in the paper grid (test_cli_paper)
 def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, args, model, dataset, group):
     mcollapse(["experiment=lipschitz", *args], tmp_path, env)
     run, results = _summary(tmp_path, "lipschitz", model, dataset)
