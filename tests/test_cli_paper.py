@@ -14,7 +14,7 @@ from tests.helpers import mcollapse, only_run_dir
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 
 TABLES = ("table5_probes", "table6_retention", "table10_prismatic", "table8_lipschitz_w1", "table11_modes",
-          "table2_ablation", "table3_lora", "isotropy", "msswap", "coverage")
+          "table2_ablation", "table3_lora", "isotropy", "msswap", "gmi", "coverage")
 TWINS = ("tiny_qwen2audio", "tiny_ultravox", "tiny_llava", "tiny_prismatic", "tiny_prismatic_siglip")
 
 
@@ -37,7 +37,7 @@ def test_the_staged_sweep_runs_every_job_and_computes_each_intermediate_once(swe
     assert {(r["experiment"], r["model"]) for r in results if r["experiment"] == "probe"} == \
         {("probe", m) for m in TWINS}
     assert {r["experiment"] for r in results} == {"extract", "probe", "lipschitz", "modes", "wasserstein", "ablation",
-                                                  "gradproj", "msswap", "lora"}
+                                                  "gradproj", "msswap", "gmi", "lora"}
     computed = defaultdict(lambda: defaultdict(int))
     for r in results:
         for key in ("modal_rows_computed", "sequence_rows_computed"):

@@ -328,6 +328,23 @@ def swap_table(runs: RunSet) -> Table:
     return table
 
 
+def gmi_table(runs: RunSet) -> Table:
+    columns = ["model", "dataset", "target", "estimator", "n_samples", "n_alternatives", "gmi_modal", "gmi_text",
+               "gap_text_minus_modal", "gap_ci_low", "gap_ci_high", "probe_label", "probe_information_modal",
+               "accessibility_gap_modal", "theorem2_log_rhs_D_eff", "source"]
+    table = Table("gmi", "GMI: what the decoder can use of the representation (§4)", columns,
+                  caption="Generalised mutual information of the decoder with modal and with text input (nats, "
+                          "capped at log(m + 1) for m alternatives), their gap with its bootstrap CI, the linear-probe "
+                          "lower bound on I(Z; `probe_label`) and the accessibility gap (probe information − GMI), "
+                          "and log of Theorem 2's right-hand side with D_eff.")
+    for run in sorted(runs.of("gmi"), key=_order):
+        table.rows.append({"model": run.model, "dataset": run.dataset, **{c: run.summary.get(c) for c in columns[2:-1]},
+                           "source": run.source})
+    if not table.rows:
+        table.missing.append("no gmi runs")
+    return table
+
+
 def coverage_table(runs: RunSet) -> Table:
     """Which experiments ran for each model x dataset: the map of what the tables could draw on."""
     columns = ["model", "dataset", *PAPER_EXPERIMENTS, "other"]
@@ -346,4 +363,4 @@ def paper_tables(runs: RunSet) -> list[Table]:
     groups = probe_groups(runs)
     return [probe_table(groups), retention_table(groups), prismatic_table(groups), lipschitz_w1_table(runs),
             modes_table(runs), ablation_table(runs), lora_table(runs), isotropy_table(runs), swap_table(runs),
-            coverage_table(runs)]
+            gmi_table(runs), coverage_table(runs)]
