@@ -47,7 +47,18 @@ def test_the_staged_sweep_runs_every_job_and_computes_each_intermediate_once(swe
     for pair, counts in computed.items():  # the extract stage encoded everything; later jobs only read
         assert counts["modal_rows_computed"] == extracted[pair], pair
         assert counts["sequence_rows_computed"] <= extracted[pair], pair  # once, by whichever job came first
-    lipschitz = [r for r in results if r["experiment"] == "lipschitz" and r["model"] == "tiny_ultravox"][0]
+    by = {(r["experiment"], r["model"]): r for r in results}
+    probes = by[("probe", "tiny_prismatic")]["summary"]
+    assert probes["hooks"] == ["encoder_output", "adapter_output", "llm_layer_16", "llm_final"]
+    assert {"object_category", "super_category"} <= set(probes["probes"]["modal"])
+    assert "llm_final" in probes["probes"]["text"]["lexical"]  # the same LLM fed the captions
+    for twin in ("tiny_prismatic", "tiny_ultravox"):
+        conditions = {(c["variant"], c["condition"]): c for c in by[("ablation", twin)]["summary"]["conditions"]}
+        assert conditions[("centred", "ms_all")]["n_modes_removed"] == by[("modes", twin)]["summary"]["n_ms"] > 0
+    lora = by[("lora", "tiny_ultravox")]["summary"]
+    assert lora["upstream_max_abs_difference"] == {"encoder_output": 0.0, "adapter_output": 0.0}
+    assert lora["task"]["lora"]["n"] == lora["split"]["test"]["n"] > 0
+    lipschitz = by[("lipschitz", "tiny_ultravox")]
     gradproj = [r for r in results if r["experiment"] == "gradproj"][0]
     assert gradproj["counts"]["gradients_batches_from_cache"] == lipschitz["counts"]["gradients_batches"]
 
