@@ -294,3 +294,11 @@ def test_cuda_gives_the_cpu_result():
     on_gpu = run_probe(X, labels, ProbeSettings(tol=1e-8, device="cuda"))
     for row_cpu, row_gpu in zip(on_cpu.per_seed, on_gpu.per_seed):
         assert row_cpu["accuracy"] == row_gpu["accuracy"]
+
+
+def test_retention_is_the_share_of_above_chance_accuracy_kept():
+    from mcollapse.analysis.probes import retention
+
+    assert retention(0.5, 0.75, 0.25) == pytest.approx(0.5)
+    assert retention(0.9, 0.6, 0.2) == pytest.approx(1.75)  # the LLM amplifies
+    assert retention(0.4, 0.25, 0.25) is None  # an adapter at chance has nothing to keep

@@ -801,3 +801,10 @@ def _two_loop(
         beta = inverse_sy[slot] * torch.linalg.vecdot(steps_y[slot], r)
         r.add_((alpha - beta)[:, None] * steps_s[slot])
     return r
+
+
+def retention(acc_final: float, acc_adapter: float, chance: float) -> float | None:
+    """Share of the adapter's above-chance accuracy still there at the final norm (None when the
+    adapter itself is at chance, where the ratio means nothing)."""
+    above = acc_adapter - chance
+    return (acc_final - chance) / above if above > 1e-9 else None

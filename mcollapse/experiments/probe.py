@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mcollapse.analysis.probes import ProbeOutcome, ProbeSettings, run_probes
+from mcollapse.analysis.probes import ProbeOutcome, ProbeSettings, retention, run_probes
 from mcollapse.data.labels import derive_labels
 from mcollapse.errors import UserError
 from mcollapse.experiments.common import modal_and_text, recorder, selected_records
@@ -30,12 +30,6 @@ def settings_from(cfg) -> ProbeSettings:
         train_size=float(p.train_size), seeds=tuple(int(s) for s in p.seeds), min_samples=int(p.min_samples),
         device="cuda" if str(cfg.device).startswith("cuda") else "cpu",
     )
-
-
-def retention(acc_final: float, acc_adapter: float, chance: float) -> float | None:
-    """Share of the adapter's above-chance accuracy still there at the final norm."""
-    above = acc_adapter - chance
-    return (acc_final - chance) / above if above > 1e-9 else None
 
 
 def _summarise(outcome: ProbeOutcome) -> dict:

@@ -11,6 +11,7 @@ import csv
 import statistics
 from collections import defaultdict
 
+from mcollapse.analysis.probes import retention
 from mcollapse.report.runs import Run, RunSet
 from mcollapse.report.tables import Table
 
@@ -100,12 +101,12 @@ def retention_table(groups: list[dict]) -> Table:
             table.missing.append(f"{g['model']} × {g['dataset']} {g['info_type']}: no "
                                  f"{'adapter_output' if adapter is None else 'llm_final'} probe")
             continue
-        above = adapter - chance if chance is not None else None
+        retained = retention(final, adapter, chance) if chance is not None else None
         table.rows.append({**{k: g[k] for k in ("model", "dataset", "info_type", "probe", "pooling", "chance",
                                                 "source")},
                            "adapter_output": adapter, "llm_final": final,
                            "ratio_pct": 100 * final / adapter if adapter > 0 else None,
-                           "retained_pct": 100 * (final - chance) / above if above and above > 1e-9 else None})
+                           "retained_pct": 100 * retained if retained is not None else None})
     if not table.rows and not table.missing:
         table.missing.append("no probe runs with both adapter_output and llm_final")
     return table
