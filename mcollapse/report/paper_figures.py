@@ -47,7 +47,7 @@ def probe_trajectories(groups: list[dict], path: Path) -> bool:
         ax.set_title(model + (f"  [{probe}, {pooling}]" if several else ""), fontsize=10)
         ax.set_ylabel("probe accuracy")
         ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle("Probe accuracy along the path to the decoder (mean ± std over splits)", fontsize=11)
+    fig.suptitle("Probe accuracy along the path to the decoder (mean ± std over splits)", fontsize=11, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -78,7 +78,7 @@ def mode_alignment_grid(runs: RunSet, path: Path, max_modes: int = 100) -> bool:
         n_ms = sum(m["label"] == "MS" for m in profile)
         ax.set_title(f"{run.model} × {run.dataset}\nmode 0: {100 * profile[0]['explained_variance_ratio']:.1f} % "
                      f"of variance, {n_ms} MS of {len(profile)}", fontsize=9)
-    fig.suptitle("Mode alignment (red: modality-specific, ρ < threshold; dashed: threshold)", fontsize=11)
+    fig.suptitle("Mode alignment (red: modality-specific, ρ < threshold; dashed: threshold)", fontsize=11, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
