@@ -13,7 +13,6 @@ from tests.helpers import mcollapse, only_run_dir
 
 SPEECH = ["model=tiny_qwen2audio", "dataset=synthetic_speech", "dataset.generate_options.n_speakers=4",
           "dataset.generate_options.n_per_class=8", "dataset.max_samples=48"]
-VISION = ["model=tiny_llava", "dataset=synthetic_vision", "dataset.max_samples=40"]
 
 
 def _summary(root, experiment, model, dataset):
@@ -23,8 +22,7 @@ def _summary(root, experiment, model, dataset):
 
 @pytest.mark.parametrize("args,model,dataset,group", [
     (SPEECH, "tiny_qwen2audio", "synthetic_speech", "speaker"),
-    (VISION, "tiny_llava", "synthetic_vision", "object_category"),
-])  # the Ultravox and Prismatic twins run these experiments in the paper grid (test_cli_paper)
+])  # the other twins run these experiments in the paper grid (test_cli_paper)
 def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, args, model, dataset, group):
     mcollapse(["experiment=lipschitz", *args], tmp_path, env)
     run, results = _summary(tmp_path, "lipschitz", model, dataset)

@@ -58,6 +58,9 @@ def test_the_staged_sweep_runs_every_job_and_computes_each_intermediate_once(swe
     lora = by[("lora", "tiny_ultravox")]["summary"]
     assert lora["upstream_max_abs_difference"] == {"encoder_output": 0.0, "adapter_output": 0.0}
     assert lora["task"]["lora"]["n"] == lora["split"]["test"]["n"] > 0
+    for twin in ("tiny_ultravox", "tiny_llava"):  # GMI on both modalities, within its cap log(m + 1)
+        gmi = by[("gmi", twin)]["summary"]
+        assert gmi["gmi_modal_ci_low"] <= gmi["gmi_modal"] <= gmi["gmi_modal_ci_high"] <= gmi["cap_log_m_plus_1"]
     lipschitz = by[("lipschitz", "tiny_ultravox")]
     gradproj = [r for r in results if r["experiment"] == "gradproj"][0]
     assert gradproj["counts"]["gradients_batches_from_cache"] == lipschitz["counts"]["gradients_batches"]
