@@ -330,9 +330,10 @@ def swap_table(runs: RunSet) -> Table:
 
 
 def gmi_table(runs: RunSet) -> Table:
-    columns = ["model", "dataset", "target", "estimator", "n_samples", "n_alternatives", "gmi_modal", "gmi_text",
-               "gap_text_minus_modal", "gap_ci_low", "gap_ci_high", "probe_label", "probe_information_modal",
-               "accessibility_gap_modal", "theorem2_log_rhs_D_eff", "source"]
+    columns = ["model", "dataset", "target", "estimator", "n_samples", "n_alternatives", "gmi_modal",
+               "gmi_modal_ci_low", "gmi_modal_ci_high", "gmi_text", "gap_text_minus_modal", "gap_ci_low",
+               "gap_ci_high", "probe_label", "probe_information_modal", "accessibility_gap_modal",
+               "theorem2_log_rhs_D_eff", "source"]
     table = Table("gmi", "GMI: what the decoder can use of the representation (§4)", columns,
                   caption="Generalised mutual information of the decoder with modal and with text input (nats, "
                           "capped at log(m + 1) for m alternatives), their gap with its bootstrap CI, the linear-probe "
