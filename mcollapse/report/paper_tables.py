@@ -150,8 +150,8 @@ def prismatic_table(groups: list[dict]) -> Table:
 
 
 def lipschitz_w1_table(runs: RunSet) -> Table:
-    columns = ["model", "dataset", "target", "reduction", "n_samples", "L_mean", "L_p95", "D", "D_eff", "w1_hook",
-               "W1", "W1_ci_low", "W1_ci_high", "null_W1", "L_mean_x_W1", "L_p95_x_W1", "source"]
+    columns = ["model", "dataset", "seed", "target", "reduction", "n_samples", "L_mean", "L_p95", "D", "D_eff",
+               "w1_hook", "W1", "W1_ci_low", "W1_ci_high", "null_W1", "L_mean_x_W1", "L_p95_x_W1", "source"]
     table = Table("table8_lipschitz_w1", "Decoder Lipschitz constant, diameter and W1 (Table 8)", columns,
                   caption="L: gradient norm of log q(y | z, c) w.r.t. the adapter-output sequence under the row's "
                           "loss `target` (mean and p95 over samples); D: diameter of the pooled adapter outputs; W1: "
@@ -168,7 +168,7 @@ def lipschitz_w1_table(runs: RunSet) -> Table:
         for w in partners:
             ws = w.summary if w else {}
             w1 = ws.get("w1")
-            table.rows.append({"model": lip.model, "dataset": lip.dataset, "target": s.get("target"),
+            table.rows.append({"model": lip.model, "dataset": lip.dataset, "seed": lip.seed, "target": s.get("target"),
                                "reduction": s.get("reduction"), "n_samples": s.get("n_samples"),
                                "L_mean": s.get("L_mean"), "L_p95": s.get("L_p95"), "D": s.get("D"),
                                "D_eff": s.get("D_eff"), "w1_hook": ws.get("hook"), "W1": w1,
@@ -187,7 +187,7 @@ def lipschitz_w1_table(runs: RunSet) -> Table:
         for w in partners:
             if id(w) not in used:
                 ws = w.summary
-                table.rows.append({"model": w.model, "dataset": w.dataset, "w1_hook": ws.get("hook"),
+                table.rows.append({"model": w.model, "dataset": w.dataset, "seed": w.seed, "w1_hook": ws.get("hook"),
                                    "W1": ws.get("w1"), "W1_ci_low": ws.get("w1_ci_low"),
                                    "W1_ci_high": ws.get("w1_ci_high"), "null_W1": ws.get("null_w1"),
                                    "source": w.source})
@@ -207,8 +207,8 @@ def mode_profile(run: Run) -> list[dict]:
 
 
 def modes_table(runs: RunSet) -> Table:
-    columns = ["model", "dataset", "n_modes", "ms_threshold", "rho_0", "mean_rho_top10", "n_ms", "ms_variance_pct",
-               "mode0_variance_pct", "n_modal", "n_text", "source"]
+    columns = ["model", "dataset", "seed", "n_modes", "ms_threshold", "rho_0", "mean_rho_top10", "n_ms",
+               "ms_variance_pct", "mode0_variance_pct", "n_modal", "n_text", "source"]
     table = Table("table11_modes", "Mode alignment (Table 11)", columns,
                   caption="Eigenmodes of the pooled adapter-output covariance; ρ_k = text variance / modal variance "
                           "along mode k, text = the LLM's token embeddings of the same samples' transcripts/captions. "
@@ -219,7 +219,7 @@ def modes_table(runs: RunSet) -> Table:
         s = run.summary
         profile = mode_profile(run)
         mode0 = 100 * profile[0]["explained_variance_ratio"] if profile else None
-        table.rows.append({"model": run.model, "dataset": run.dataset, "n_modes": s.get("n_modes"),
+        table.rows.append({"model": run.model, "dataset": run.dataset, "seed": run.seed, "n_modes": s.get("n_modes"),
                            "ms_threshold": s.get("ms_threshold"), "rho_0": s.get("rho_0"),
                            "mean_rho_top10": s.get("mean_rho_top10"), "n_ms": s.get("n_ms"),
                            "ms_variance_pct": 100 * s["ms_variance_share"] if "ms_variance_share" in s else None,
@@ -231,7 +231,7 @@ def modes_table(runs: RunSet) -> Table:
 
 
 def ablation_table(runs: RunSet) -> Table:
-    columns = ["model", "dataset", "target", "reduction", "variant", "condition", "n_modes_removed",
+    columns = ["model", "dataset", "seed", "target", "reduction", "variant", "condition", "n_modes_removed",
                "variance_removed_pct", "delta_loss", "delta_pct", "t", "p", "n", "n_draws", "source"]
     table = Table("table2_ablation", "Ablation of MS / TA / random modes (Table 2)", columns,
                   caption="Modes projected out of every position of the adapter output; ΔLoss = loss(ablated) − "
@@ -242,7 +242,7 @@ def ablation_table(runs: RunSet) -> Table:
     for run in sorted(runs.of("ablation"), key=_order):
         s = run.summary
         for c in s.get("conditions", []):
-            table.rows.append({"model": run.model, "dataset": run.dataset, "target": s.get("target"),
+            table.rows.append({"model": run.model, "dataset": run.dataset, "seed": run.seed, "target": s.get("target"),
                                "reduction": s.get("reduction"), "variant": c.get("variant"),
                                "condition": c.get("condition"), "n_modes_removed": c.get("n_modes_removed"),
                                "variance_removed_pct": 100 * c["variance_share_removed"]
@@ -255,7 +255,7 @@ def ablation_table(runs: RunSet) -> Table:
 
 
 def lora_table(runs: RunSet) -> Table:
-    columns = ["model", "dataset", "label", "objective", "measure", "hook", "probe", "base", "lora", "delta",
+    columns = ["model", "dataset", "seed", "label", "objective", "measure", "hook", "probe", "base", "lora", "delta",
                "targeted", "chance", "n", "source"]
     table = Table("table3_lora", "LoRA on the decoder (Table 3)", columns,
                   caption="Probe accuracy on the held-out test part through the base model and with the trained "
@@ -271,15 +271,16 @@ def lora_table(runs: RunSet) -> Table:
             base, lora = task.get("base", {}).get(key), task.get("lora", {}).get(key)
             if base is None and lora is None:
                 continue
-            table.rows.append({"model": run.model, "dataset": run.dataset, "label": s.get("label"),
+            table.rows.append({"model": run.model, "dataset": run.dataset, "seed": run.seed, "label": s.get("label"),
                                "objective": s.get("objective"), "measure": measure, "base": base, "lora": lora,
                                "delta": lora - base if base is not None and lora is not None else None,
                                "targeted": True, "chance": 1 / len(s["choices"]) if s.get("choices") else None,
                                "n": task.get("lora", {}).get("n"), "source": run.source})
         for info_type, per_hook in sorted(s.get("probe_changes", {}).items()):
             for hook, c in per_hook.items():
-                table.rows.append({"model": run.model, "dataset": run.dataset, "label": s.get("label"),
-                                   "objective": s.get("objective"), "measure": f"probe_{info_type}",
+                table.rows.append({"model": run.model, "dataset": run.dataset, "seed": run.seed,
+                                   "label": s.get("label"), "objective": s.get("objective"),
+                                   "measure": f"probe_{info_type}",
                                    "hook": hook_column(hook), "probe": run.settings.get("probe"),
                                    "base": c.get("base"), "lora": c.get("lora"), "delta": c.get("delta"),
                                    "targeted": c.get("targeted"), "chance": c.get("chance"),
@@ -290,13 +291,14 @@ def lora_table(runs: RunSet) -> Table:
 
 
 def isotropy_table(runs: RunSet) -> Table:
-    columns = ["model", "dataset", "target", "n_samples", "n_ms", "n_ta", "g_ta", "g_ms", "g_ta_over_g_ms",
+    columns = ["model", "dataset", "seed", "target", "n_samples", "n_ms", "n_ta", "g_ta", "g_ms", "g_ta_over_g_ms",
                "spearman_r", "spearman_p", "reference_g_ta_over_g_ms", "source"]
     table = Table("isotropy", "Gradient isotropy across MS and TA modes (§5.4)", columns,
                   caption="Mean gradient magnitude of the row's loss `target` along TA and MS modes and the Spearman "
                           "r between ρ_k and g_k; `reference_*`: the earlier code's mean-over-positions statistic.")
     for run in sorted(runs.of("gradproj"), key=_order):
-        table.rows.append({"model": run.model, "dataset": run.dataset, **{c: run.summary.get(c) for c in columns[2:-1]},
+        table.rows.append({"model": run.model, "dataset": run.dataset, "seed": run.seed,
+                           **{c: run.summary.get(c) for c in columns[3:-1]},
                            "source": run.source})
     if not table.rows:
         table.missing.append("no gradproj runs")
@@ -304,8 +306,8 @@ def isotropy_table(runs: RunSet) -> Table:
 
 
 def swap_table(runs: RunSet) -> Table:
-    columns = ["model", "dataset", "target", "group_by", "subspace", "n_modes", "kl", "delta_ce", "delta_ce_pct",
-               "delta_ce_t", "delta_ce_p", "shift", "kl_per_unit2", "n_samples", "source"]
+    columns = ["model", "dataset", "seed", "target", "group_by", "subspace", "n_modes", "kl", "delta_ce",
+               "delta_ce_pct", "delta_ce_t", "delta_ce_p", "shift", "kl_per_unit2", "n_samples", "source"]
     table = Table("msswap", "Swapping a sample's position in the MS / TA subspace", columns,
                   caption="Each sample's mean component in the subspace replaced by another `group_by` group's mean; "
                           "KL(p_base ‖ p_swap) over answer positions and the loss change under the row's `target` "
@@ -315,7 +317,7 @@ def swap_table(runs: RunSet) -> Table:
         for subspace in ("MS", "TA"):
             delta = s.get(f"delta_ce_{subspace}")
             base = s.get("mean_loss_base")
-            table.rows.append({"model": run.model, "dataset": run.dataset, "target": s.get("target"),
+            table.rows.append({"model": run.model, "dataset": run.dataset, "seed": run.seed, "target": s.get("target"),
                                "group_by": s.get("group_by"), "subspace": subspace,
                                "n_modes": s.get(f"n_{subspace.lower()}_modes"), "kl": s.get(f"kl_{subspace}"),
                                "delta_ce": delta,
@@ -330,7 +332,7 @@ def swap_table(runs: RunSet) -> Table:
 
 
 def gmi_table(runs: RunSet) -> Table:
-    columns = ["model", "dataset", "target", "estimator", "n_samples", "n_alternatives", "gmi_modal",
+    columns = ["model", "dataset", "seed", "target", "estimator", "n_samples", "n_alternatives", "gmi_modal",
                "gmi_modal_ci_low", "gmi_modal_ci_high", "gmi_text", "gap_text_minus_modal", "gap_ci_low",
                "gap_ci_high", "probe_label", "probe_information_modal", "accessibility_gap_modal",
                "theorem2_log_rhs_D_eff", "source"]
@@ -340,7 +342,8 @@ def gmi_table(runs: RunSet) -> Table:
                           "lower bound on I(Z; `probe_label`) and the accessibility gap (probe information − GMI), "
                           "and log of Theorem 2's right-hand side with D_eff.")
     for run in sorted(runs.of("gmi"), key=_order):
-        table.rows.append({"model": run.model, "dataset": run.dataset, **{c: run.summary.get(c) for c in columns[2:-1]},
+        table.rows.append({"model": run.model, "dataset": run.dataset, "seed": run.seed,
+                           **{c: run.summary.get(c) for c in columns[3:-1]},
                            "source": run.source})
     if not table.rows:
         table.missing.append("no gmi runs")
