@@ -19,7 +19,7 @@ from rich.table import Table as RichTable
 from mcollapse.errors import UserError
 from mcollapse.report.output import RunRecorder
 from mcollapse.report.paper_figures import mode_alignment_grid, probe_trajectories
-from mcollapse.report.paper_tables import paper_tables, probe_groups
+from mcollapse.report.paper_tables import paper_tables
 from mcollapse.report.runs import RunSet, load_runs
 from mcollapse.report.tables import Table
 
@@ -45,9 +45,9 @@ def build(runs: RunSet, out_dir: Path, inline_rows: int = 15) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = paper_tables(runs)
     files = {t.name: t.write(out_dir) for t in tables}
-    groups = probe_groups(runs)
+    probe_rows = next(t.rows for t in tables if t.name == "table5_probes")  # one row per probe group
     figures = {}
-    if probe_trajectories(groups, out_dir / "fig1_probe_trajectories.png"):
+    if probe_trajectories(probe_rows, out_dir / "fig1_probe_trajectories.png"):
         figures["fig1_probe_trajectories.png"] = FIGURES["fig1_probe_trajectories.png"]
     if mode_alignment_grid(runs, out_dir / "fig2_mode_alignment.png"):
         figures["fig2_mode_alignment.png"] = FIGURES["fig2_mode_alignment.png"]

@@ -290,19 +290,24 @@ def lora_table(runs: RunSet) -> Table:
     return table
 
 
+def _summary_rows(table: Table, runs: RunSet, experiment: str) -> Table:
+    """One row per run of `experiment`, its columns between `seed` and `source` read from the summary."""
+    keys = table.columns[table.columns.index("seed") + 1 : table.columns.index("source")]
+    for run in sorted(runs.of(experiment), key=_order):
+        table.rows.append({"model": run.model, "dataset": run.dataset, "seed": run.seed,
+                           **{k: run.summary.get(k) for k in keys}, "source": run.source})
+    if not table.rows:
+        table.missing.append(f"no {experiment} runs")
+    return table
+
+
 def isotropy_table(runs: RunSet) -> Table:
     columns = ["model", "dataset", "seed", "target", "n_samples", "n_ms", "n_ta", "g_ta", "g_ms", "g_ta_over_g_ms",
                "spearman_r", "spearman_p", "reference_g_ta_over_g_ms", "source"]
     table = Table("isotropy", "Gradient isotropy across MS and TA modes (§5.4)", columns,
                   caption="Mean gradient magnitude of the row's loss `target` along TA and MS modes and the Spearman "
                           "r between ρ_k and g_k; `reference_*`: the earlier code's mean-over-positions statistic.")
-    for run in sorted(runs.of("gradproj"), key=_order):
-        table.rows.append({"model": run.model, "dataset": run.dataset, "seed": run.seed,
-                           **{c: run.summary.get(c) for c in columns[3:-1]},
-                           "source": run.source})
-    if not table.rows:
-        table.missing.append("no gradproj runs")
-    return table
+    return _summary_rows(table, runs, "gradproj")
 
 
 def swap_table(runs: RunSet) -> Table:
@@ -341,13 +346,7 @@ def gmi_table(runs: RunSet) -> Table:
                           "capped at log(m + 1) for m alternatives), their gap with its bootstrap CI, the linear-probe "
                           "lower bound on I(Z; `probe_label`) and the accessibility gap (probe information − GMI), "
                           "and log of Theorem 2's right-hand side with D_eff.")
-    for run in sorted(runs.of("gmi"), key=_order):
-        table.rows.append({"model": run.model, "dataset": run.dataset, "seed": run.seed,
-                           **{c: run.summary.get(c) for c in columns[3:-1]},
-                           "source": run.source})
-    if not table.rows:
-        table.missing.append("no gmi runs")
-    return table
+    return _summary_rows(table, runs, "gmi")
 
 
 def coverage_table(runs: RunSet) -> Table:
