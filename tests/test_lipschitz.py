@@ -242,3 +242,25 @@ def test_padded_attention_batch_matches_unpadded_samples():
         for i, n in enumerate(lengths)
     ]
     torch.testing.assert_close(batched, torch.cat(singles), rtol=1e-10, atol=1e-12)
+
+
+def test_shared_shift_norm_is_the_gradient_with_respect_to_a_common_offset():
+    """d/d delta of l(z + 1 delta^T) = sum of the per-position gradients over the real positions."""
+    from mcollapse.analysis.lipschitz import shared_shift_gradient_norms
+
+    W, b = linear_decoder(V=5, T=3, d=4, seed=8)
+    z = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    y = torch.tensor([1, 3])
+    score = linear_scores(W, b, y)
+    _, grad = per_sample_gradient_norms(score, z, return_grad=True)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    norms = shared_shift_gradient_norms(grad, mask)
+    for i in range(2):
+        delta = torch.zeros(1, 1, 4, dtype=torch.float64, requires_grad=True)
+        shift = mask[i : i + 1, :, None].double() * delta  # the padded position is not shifted
+        (g,) = torch.autograd.grad(linear_scores(W, b, y[i : i + 1])(z[i : i + 1] + shift)[0], delta)
+        assert float(norms[i]) == pytest.approx(float(torch.linalg.vector_norm(g)), rel=1e-12)
+    # a score of the pooled mean alone: l = w . mean_t z_t has shift norm ||w|| whatever the length
+    w = torch.tensor([3.0, 4.0, 0.0, 0.0], dtype=torch.float64)
+    _, grad = per_sample_gradient_norms(lambda t: (t.mean(1) * w).sum(-1), z, return_grad=True)
+    assert np.allclose(shared_shift_gradient_norms(grad, None), 5.0)

@@ -89,6 +89,28 @@ def test_gradient_pass_resumes_from_its_shards_with_identical_results(family, re
     assert again.ids == sequences.ids and np.all(first.norms > 0)
 
 
+def test_gradient_pass_keeps_the_shared_shift_norm_and_versions_its_shards(family, records, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from mcollapse.experiments import llm_side
+    from mcollapse.models.decoder import Decoder
+    from mcollapse.report.output import RunRecorder
+
+    sequences = adapter_sequences(family, records, DATASET, tmp_path / "cache")
+    inputs = llm_side.DecoderInputs(family, Decoder(family), sequences, {r.id: r.text for r in records}, DATASET,
+                                    tmp_path / "cache")
+    target = SimpleNamespace(name="content", reduction="sum")
+    rec = RunRecorder(tmp_path / "run", {})
+    grads = llm_side.gradients(inputs, rec, sequences.ids, target, 2)
+    assert grads.shift_norms.shape == grads.norms.shape and np.all(grads.shift_norms > 0)
+    # ||sum_t g_t|| <= sqrt(T) ||g||_F (Cauchy-Schwarz over the T positions)
+    assert np.all(grads.shift_norms <= np.sqrt(grads.lengths) * grads.norms * (1 + 1e-5))
+    monkeypatch.setattr(llm_side, "GRADIENT_SHARDS_VERSION", llm_side.GRADIENT_SHARDS_VERSION + 1)
+    llm_side.gradients(inputs, rec, sequences.ids, target, 2)
+    assert rec.counts["gradients_batches_from_cache"] == 0  # other shard contents: not reused
+    assert len(list((tmp_path / "cache" / "gradients").iterdir())) == 2
+
+
 def test_job_waiting_on_the_lock_finds_the_sequences_and_computes_nothing(family, records, tmp_path):
     """Two jobs released together: one runs the encoder, the other waits on the entry's lock, then reads.
     Threads suffice: flock excludes two opens of the lock file in one process as it does two processes."""

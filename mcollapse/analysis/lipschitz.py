@@ -89,6 +89,21 @@ def per_sample_gradient_norms(
     return (norms, grad) if return_grad else norms
 
 
+def shared_shift_gradient_norms(grad, mask=None) -> np.ndarray:
+    """||d/d delta l(z + 1 delta^T)|| per sample: the norm of the per-position gradients summed over
+    the real positions. Shifting every position by delta shifts the pooled mean by delta, so this is
+    the Lipschitz estimate in the pooled space where W1 and D are measured (grad: (B, T, d))."""
+    g = grad.detach().cpu().double().numpy() if isinstance(grad, torch.Tensor) else np.asarray(grad, np.float64)
+    if g.ndim != 3:
+        raise ValueError(f"grad must be (batch, positions, features), got shape {g.shape}")
+    if mask is not None:
+        m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        if m.shape != g.shape[:2]:
+            raise ValueError(f"mask shape {m.shape} does not match grad's positions {g.shape[:2]}")
+        g = g * m[..., None]
+    return np.linalg.norm(g.sum(axis=1), axis=1)
+
+
 def _finite_values(values) -> tuple[np.ndarray, int]:
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().double().numpy()

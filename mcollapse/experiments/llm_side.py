@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mcollapse.analysis.lipschitz import per_sample_gradient_norms
+from mcollapse.analysis.lipschitz import per_sample_gradient_norms, shared_shift_gradient_norms
 from mcollapse.analysis.modes import (
     Eigenbasis,
     ModeAlignment,
@@ -178,13 +178,18 @@ def eigenbasis_for(cfg, inputs: DecoderInputs, rec: RunRecorder):
 # One batched LLM-only backward per batch: gradient norms, scores and mode projections
 
 
+GRADIENT_SHARDS_VERSION = 2  # 2: shards hold shift_norms; older shards lack them and are not reused
+
+
 @dataclass
 class Gradients:
-    """Per sample: ||grad_z l||_F, l itself, #scored tokens, and (with modes) the gradient's
-    magnitude along each mode, per position (n, k) and for the mean-over-positions gradient."""
+    """Per sample: ||grad_z l||_F, the norm of the gradient w.r.t. a shift shared by all positions
+    (the pooled-space L), l itself, #scored tokens, and (with modes) the gradient's magnitude along
+    each mode, per position (n, k) and for the mean-over-positions gradient."""
 
     ids: list[str]
     norms: np.ndarray
+    shift_norms: np.ndarray
     scores: np.ndarray
     n_scored: np.ndarray
     lengths: np.ndarray
@@ -212,13 +217,13 @@ def gradients(inputs: DecoderInputs, rec: RunRecorder, ids: list[str], target, b
     answers = [inputs.answer(i) for i in ids] if target.name == "content" else None
     extra = np.array([len(a) for a in answers]) if answers else np.zeros(len(ids), dtype=int)
     order = np.argsort(lengths + extra, kind="stable")
-    key = cache_key({"kind": "gradients", "sequences": inputs.decoder_key, "ids": ids_digest(ids),
+    key = cache_key({"kind": "gradients", "version": GRADIENT_SHARDS_VERSION, "sequences": inputs.decoder_key, "ids": ids_digest(ids),
                      "target": target.name, "reduction": target.reduction, "batch_size": int(batch_size),
                      "modes": mode_set.key if mode_set else None, "dtype": str(inputs.family.dtype)})
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     gather = sharded_pass(rec, inputs.cache_dir / "gradients" / key, batches, "gradients",
                           lambda rows: _gradient_batch(inputs, seqs, rows, answers, target, mode_set))
-    return Gradients(ids, gather("norms"), gather("scores"), gather("n_scored"), lengths,
+    return Gradients(ids, gather("norms"), gather("shift_norms"), gather("scores"), gather("n_scored"), lengths,
                      gather("mode_magnitudes"), gather("mean_grad_magnitudes"), target.name, target.reduction)
 
 
@@ -268,7 +273,7 @@ def _gradient_batch(inputs, seqs, rows, answers, target, mode_set) -> dict:
         return values
 
     norms, grad = per_sample_gradient_norms(score, pad_sequences(zs), mask=batch.z_mask, return_grad=True)
-    out = {"norms": norms.cpu().double().numpy(),
+    out = {"norms": norms.cpu().double().numpy(), "shift_norms": shared_shift_gradient_norms(grad, batch.z_mask),
            "scores": kept["scores"].cpu().double().numpy(), "n_scored": batch.n_scored.numpy()}
     if not np.all(np.isfinite(out["norms"])):
         log.warning("non-finite gradient norms in a batch of %d samples (kept, counted in the stats)", len(rows))
