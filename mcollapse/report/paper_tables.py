@@ -339,13 +339,16 @@ def swap_table(runs: RunSet) -> Table:
 def gmi_table(runs: RunSet) -> Table:
     columns = ["model", "dataset", "seed", "target", "estimator", "n_samples", "n_alternatives", "gmi_modal",
                "gmi_modal_ci_low", "gmi_modal_ci_high", "gmi_text", "gap_text_minus_modal", "gap_ci_low",
-               "gap_ci_high", "probe_label", "probe_information_modal", "accessibility_gap_modal",
-               "theorem2_log_rhs_D_eff", "source"]
+               "gap_ci_high", "log_abs_gap", "probe_label", "probe_information_modal", "accessibility_gap_modal",
+               "theorem2_log_rhs_D_eff", "theorem2_log_rhs_pooled_D_eff", "source"]
     table = Table("gmi", "GMI: what the decoder can use of the representation (§4)", columns,
                   caption="Generalised mutual information of the decoder with modal and with text input (nats, "
-                          "capped at log(m + 1) for m alternatives), their gap with its bootstrap CI, the linear-probe "
-                          "lower bound on I(Z; `probe_label`) and the accessibility gap (probe information − GMI), "
-                          "and log of Theorem 2's right-hand side with D_eff.")
+                          "capped at log(m + 1) for m alternatives), their gap with its bootstrap CI and its log, the "
+                          "linear-probe lower bound on I(Z; `probe_label`), the accessibility gap (probe information − "
+                          "GMI; empty unless `probe_label` is the transcript, the GMI's variable), and the log of "
+                          "Theorem 2's right-hand side with D_eff: with the paper's L (unpooled sequence) and with the "
+                          "pooled-space L (shared shift of all positions), the one consistent with W1 and D. A scale "
+                          "comparison, not a check: L is a quantile of gradient norms, not a supremum.")
     return _summary_rows(table, runs, "gmi")
 
 
