@@ -58,7 +58,8 @@ def run(cfg, run_dir: Path) -> dict:
         summary.update({"n_samples": len(ids), "n_pooled_for_D": len(pooled),
                         "mean_scored_tokens": float(grads.n_scored.mean()),
                         "mean_positions": float(grads.lengths.mean()), "mean_score": float(np.mean(grads.scores)),
-                        "target": target.name, "reduction": target.reduction})
+                        "target": target.name, "reduction": target.reduction, "L_space": "adapter_output",
+                        "selection_digest": selection.digest})
     rows = [rec.row("adapter_output", "-", int(cfg.seed), name, value, target=target.name,
                     reduction=target.reduction)
             for name, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]

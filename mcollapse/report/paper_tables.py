@@ -149,14 +149,21 @@ def prismatic_table(groups: list[dict]) -> Table:
 # The decoder: Table 8 (L, D, W1, L·W1), Table 11 (mode alignment), Table 2 (ablation), Table 3 (LoRA)
 
 
+def _same_selection(a: Run, b: Run) -> bool:
+    """Both runs name their dataset selection and it is the same (runs without a digest never pair)."""
+    digest = a.summary.get("selection_digest")
+    return digest is not None and digest == b.summary.get("selection_digest")
+
+
 def lipschitz_w1_table(runs: RunSet) -> Table:
-    columns = ["model", "dataset", "seed", "target", "reduction", "n_samples", "L_mean", "L_p95", "D", "D_eff",
-               "w1_hook", "W1", "W1_ci_low", "W1_ci_high", "null_W1", "L_mean_x_W1", "L_p95_x_W1", "source"]
+    columns = ["model", "dataset", "seed", "target", "reduction", "n_samples", "L_space", "L_mean", "L_p95", "D",
+               "D_eff", "w1_hook", "W1", "W1_ci_low", "W1_ci_high", "null_W1", "L_mean_x_W1", "L_p95_x_W1", "source"]
     table = Table("table8_lipschitz_w1", "Decoder Lipschitz constant, diameter and W1 (Table 8)", columns,
-                  caption="L: gradient norm of log q(y | z, c) w.r.t. the adapter-output sequence under the row's "
-                          "loss `target` (mean and p95 over samples); D: diameter of the pooled adapter outputs; W1: "
-                          "modal vs text representations at `w1_hook` (independent of the target), with its "
-                          "bootstrap CI and the text-vs-text floor `null_W1`. Products use this row's L and W1.")
+                  caption="L: gradient norm of log q(y | z, c) w.r.t. the representation named in `L_space` under "
+                          "the row's loss `target` (mean and p95 over samples); D: diameter of the pooled adapter "
+                          "outputs; W1: modal vs text representations at `w1_hook` (independent of the target), with "
+                          "its bootstrap CI and the text-vs-text floor `null_W1`. L and W1 are paired only when both "
+                          "runs drew the same dataset selection; products use this row's L and W1.")
     lips = sorted(runs.of("lipschitz"), key=_order)
     w1s = defaultdict(list)
     for run in runs.of("wasserstein"):
@@ -164,14 +171,15 @@ def lipschitz_w1_table(runs: RunSet) -> Table:
     used = set()
     for lip in lips:
         s = lip.summary
-        partners = w1s.get((lip.model, lip.dataset), []) or [None]
+        candidates = w1s.get((lip.model, lip.dataset), [])
+        partners = [w for w in candidates if _same_selection(lip, w)] or [None]
         for w in partners:
             ws = w.summary if w else {}
             w1 = ws.get("w1")
             table.rows.append({"model": lip.model, "dataset": lip.dataset, "seed": lip.seed, "target": s.get("target"),
                                "reduction": s.get("reduction"), "n_samples": s.get("n_samples"),
-                               "L_mean": s.get("L_mean"), "L_p95": s.get("L_p95"), "D": s.get("D"),
-                               "D_eff": s.get("D_eff"), "w1_hook": ws.get("hook"), "W1": w1,
+                               "L_space": s.get("L_space"), "L_mean": s.get("L_mean"), "L_p95": s.get("L_p95"),
+                               "D": s.get("D"), "D_eff": s.get("D_eff"), "w1_hook": ws.get("hook"), "W1": w1,
                                "W1_ci_low": ws.get("w1_ci_low"), "W1_ci_high": ws.get("w1_ci_high"),
                                "null_W1": ws.get("null_w1"),
                                "L_mean_x_W1": s["L_mean"] * w1 if w1 is not None and s.get("L_mean") is not None
@@ -180,9 +188,11 @@ def lipschitz_w1_table(runs: RunSet) -> Table:
                                else None,
                                "source": _sources([lip] + ([w] if w else []))})
             if w is None:
-                table.missing.append(f"{lip.model} × {lip.dataset}: W1 (no wasserstein run)")
+                why = "no wasserstein run over the same selection" if candidates else "no wasserstein run"
+                table.missing.append(f"{lip.model} × {lip.dataset}: W1 ({why})")
             else:
                 used.add(id(w))
+    lip_keys = {(lip.model, lip.dataset) for lip in lips}
     for key, partners in sorted(w1s.items()):
         for w in partners:
             if id(w) not in used:
@@ -191,7 +201,8 @@ def lipschitz_w1_table(runs: RunSet) -> Table:
                                    "W1": ws.get("w1"), "W1_ci_low": ws.get("w1_ci_low"),
                                    "W1_ci_high": ws.get("w1_ci_high"), "null_W1": ws.get("null_w1"),
                                    "source": w.source})
-                table.missing.append(f"{w.model} × {w.dataset}: L (no lipschitz run)")
+                why = "no lipschitz run over the same selection" if key in lip_keys else "no lipschitz run"
+                table.missing.append(f"{w.model} × {w.dataset}: L ({why})")
     if not table.rows:
         table.missing.append("no lipschitz or wasserstein runs")
     return table
