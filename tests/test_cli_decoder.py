@@ -33,6 +33,9 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
     for name in ("lipschitz_hist.png", "per_sample.csv", "results.csv", "meta.json"):
         assert (run / name).is_file(), name
     assert len((run / "per_sample.csv").read_text().splitlines()) == s["n_samples"] + 1
+    assert s["D_reference"] > 0 and s["L_pooled_mean"] > 0 and s["L_space"] == "adapter_output"
+    assert s["n_secant"] + s["n_secant_without_neighbour"] == min(100, s["n_samples"]) and s["n_secant"] > 0
+    assert 0 < s["L_secant_median"] <= s["L_secant_max"] and len(s["selection_digest"]) == 16
 
     mcollapse(["experiment=modes", *args], tmp_path, env)
     run, results = _summary(tmp_path, "modes", model, dataset)

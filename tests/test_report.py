@@ -53,7 +53,8 @@ def planted(tmp_path):
                                                              seeds=(44, 45)))
     _run(root, "lipschitz/a", "lipschitz", "m", "d", {"L_mean": 2.0, "L_p95": 3.0, "D": 5.0, "target": "content",
                                                       "reduction": "sum", "n_samples": 10, "selection_digest": "s1",
-                                                      "L_space": "adapter_output"})
+                                                      "L_space": "adapter_output", "D_reference": 4.5,
+                                                      "L_pooled_mean": 6.0, "L_secant_median": 0.5})
     _run(root, "wasserstein/a", "wasserstein", "m", "d", {"w1": 4.0, "hook": "llm_layer_16", "null_w1": 0.5,
                                                           "selection_digest": "s1"})
     _run(root, "lipschitz/other", "lipschitz", "m2", "d", {"L_mean": 1.0, "L_p95": 1.5, "D": 2.0, "target": "content",
@@ -80,6 +81,7 @@ def test_tables_pool_seeds_derive_retention_and_products_and_cite_their_runs(pla
     assert rows["m"]["source"] == "lipschitz/a;wasserstein/a" and rows["m"]["target"] == "content"
     assert rows["m2"]["W1"] is None and rows["m2"]["L_mean_x_W1"] is None  # no W1 run: left empty, said so
     assert rows["m"]["L_space"] == "adapter_output" and rows["m"]["w1_hook"] == "llm_layer_16"
+    assert (rows["m"]["D_reference"], rows["m"]["L_pooled_mean"], rows["m"]["L_secant_median"]) == (4.5, 6.0, 0.5)
     assert tables["table8_lipschitz_w1"].missing == ["m2 × d: W1 (no wasserstein run)"]
     assert tables["table10_prismatic"].missing == ["no probe runs of Prismatic models (family prismatic)"]
     assert tables["table2_ablation"].missing == ["no ablation runs"]

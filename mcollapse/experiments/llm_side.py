@@ -290,6 +290,38 @@ def _gradient_batch(inputs, seqs, rows, answers, target, mode_set) -> dict:
 # Scores without gradients, for many (z, y) pairs
 
 
+def secant_scores(inputs: DecoderInputs, ids: list[str], neighbours: np.ndarray, target,
+                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """l_i(z_i) and l_i(z_j) for each sample i and neighbour j (-1: none), under the run's target:
+    sample i's target scored with j's representation. Each sample's own row and its neighbours'
+    rows share a forward batch, so their difference carries no batch-to-batch rounding."""
+    seqs = inputs.sequences.subset(ids)
+    answers = [inputs.answer(i) for i in ids] if target.name == "content" else None
+    own = np.full(len(ids), np.nan)
+    other = np.full(neighbours.shape, np.nan)
+    groups = [[(i, -1, i)] + [(i, c, int(j)) for c, j in enumerate(neighbours[i]) if j >= 0]
+              for i in range(len(ids)) if (neighbours[i] >= 0).any()]
+    batches: list[list[tuple[int, int, int]]] = []
+    for group in groups:  # whole groups per batch, so a sample's rows are never split
+        if batches and len(batches[-1]) + len(group) <= batch_size:
+            batches[-1].extend(group)
+        else:
+            batches.append(list(group))
+    with torch.no_grad():
+        for part in batches:
+            zs = [seqs.arrays[j] for _, _, j in part]
+            batch = compose(inputs.family, [len(z) for z in zs], [answers[i] for i, _, _ in part] if answers else None,
+                            target.name, target.reduction)
+            values = inputs.decoder.scores(batch, pad_sequences(zs)).double().cpu().numpy()
+            for (i, c, _), value in zip(part, values):
+                if c < 0:
+                    own[i] = value
+                else:
+                    other[i, c] = value
+    return own, other
+
+
+
 def candidate_scores(inputs: DecoderInputs, zs: list[np.ndarray], answers: list[list[int]],
                      candidates: np.ndarray, label: str, chunk: int = 64) -> np.ndarray:
     """S[i, c] = log q(y_i | z_{candidates[i, c]}, prompt), target=content summed over tokens.
