@@ -217,7 +217,8 @@ def gradients(inputs: DecoderInputs, rec: RunRecorder, ids: list[str], target, b
     answers = [inputs.answer(i) for i in ids] if target.name == "content" else None
     extra = np.array([len(a) for a in answers]) if answers else np.zeros(len(ids), dtype=int)
     order = np.argsort(lengths + extra, kind="stable")
-    key = cache_key({"kind": "gradients", "version": GRADIENT_SHARDS_VERSION, "sequences": inputs.decoder_key, "ids": ids_digest(ids),
+    key = cache_key({"kind": "gradients", "version": GRADIENT_SHARDS_VERSION, "sequences": inputs.decoder_key,
+                     "ids": ids_digest(ids),
                      "target": target.name, "reduction": target.reduction, "batch_size": int(batch_size),
                      "modes": mode_set.key if mode_set else None, "dtype": str(inputs.family.dtype)})
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]

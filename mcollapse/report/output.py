@@ -71,7 +71,8 @@ class RunRecorder:
 
     def write(self, rows: list[dict], summary: dict, details: dict | None = None) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        payload = {**self.identity, "summary": {**self.summary_fields, **summary}, "counts": self.counts, "rows": rows, **(details or {})}
+        payload = {**self.identity, "summary": {**self.summary_fields, **summary}, "counts": self.counts,
+                   "rows": rows, **(details or {})}
         _atomic_write(self.run_dir / "results.json", json.dumps(payload, indent=2, default=_plain))
         columns = list(ROW_COLUMNS)
         for row in rows:

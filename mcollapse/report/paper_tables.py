@@ -157,14 +157,16 @@ def _same_selection(a: Run, b: Run) -> bool:
 
 def lipschitz_w1_table(runs: RunSet) -> Table:
     columns = ["model", "dataset", "seed", "target", "reduction", "n_samples", "L_space", "L_mean", "L_p95",
-               "L_pooled_mean", "L_secant_median", "D", "D_reference", "D_eff", "w1_hook", "W1", "W1_ci_low", "W1_ci_high", "null_W1", "L_mean_x_W1", "L_p95_x_W1", "source"]
+               "L_pooled_mean", "L_secant_median", "D", "D_reference", "D_eff", "w1_hook", "W1", "W1_ci_low",
+               "W1_ci_high", "null_W1", "L_mean_x_W1", "L_p95_x_W1", "source"]
     table = Table("table8_lipschitz_w1", "Decoder Lipschitz constant, diameter and W1 (Table 8)", columns,
                   caption="L: gradient norm of log q(y | z, c) w.r.t. the representation named in `L_space` under "
                           "the row's loss `target` (mean and p95 over samples); `L_pooled_mean`: the same w.r.t. a "
                           "shift shared by all positions (the pooled space of D and W1); `L_secant_median`: the "
                           "paper's 2-NN secant slope over pairs of equal length, a lower-bound cross-check. D: "
                           "diameter of the pooled adapter outputs; `D_reference`: the earlier code's D (max of "
-                          "std·√d and sampled pair distances), comparable with the paper's. W1: modal vs text representations at `w1_hook` (independent of the target), with "
+                          "std·√d and sampled pair distances), comparable with the paper's. W1: modal vs text "
+                          "representations at `w1_hook` (independent of the target), with "
                           "its bootstrap CI and the text-vs-text floor `null_W1`. L and W1 are paired only when both "
                           "runs drew the same dataset selection; products use this row's L and W1.")
     lips = sorted(runs.of("lipschitz"), key=_order)
@@ -183,7 +185,8 @@ def lipschitz_w1_table(runs: RunSet) -> Table:
                                "reduction": s.get("reduction"), "n_samples": s.get("n_samples"),
                                "L_space": s.get("L_space"), "L_mean": s.get("L_mean"), "L_p95": s.get("L_p95"),
                                "L_pooled_mean": s.get("L_pooled_mean"), "L_secant_median": s.get("L_secant_median"),
-                               "D": s.get("D"), "D_reference": s.get("D_reference"), "D_eff": s.get("D_eff"), "w1_hook": ws.get("hook"), "W1": w1,
+                               "D": s.get("D"), "D_reference": s.get("D_reference"), "D_eff": s.get("D_eff"),
+                               "w1_hook": ws.get("hook"), "W1": w1,
                                "W1_ci_low": ws.get("w1_ci_low"), "W1_ci_high": ws.get("w1_ci_high"),
                                "null_W1": ws.get("null_w1"),
                                "L_mean_x_W1": s["L_mean"] * w1 if w1 is not None and s.get("L_mean") is not None
