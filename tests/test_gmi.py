@@ -172,3 +172,63 @@ def test_theorem2_holds_for_a_linear_decoder_under_a_translation():
     bound = theorem2_rhs(lipschitz=L, w1=float(np.linalg.norm(delta)), diameter=D)
     assert bound.holds_for(gap.gap)
     assert text.gmi > 0.5  # the decoder does carry information about y
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment's wiring: alternatives, the score matrix, W1_conditional, the accessibility gap
+
+
+def test_alternatives_never_include_the_sample_itself():
+    from mcollapse.experiments.gmi import alternatives
+
+    for n, m in ((2, 5), (7, 6), (30, 4)):
+        alts = alternatives(n, m, seed=n)
+        assert alts.shape == (n, min(m, n - 1))
+        for i, row in enumerate(alts):
+            assert i not in row and len(set(row.tolist())) == len(row) and row.min() >= 0 and row.max() < n
+
+
+class _EncodingDecoder:
+    """answer_scores(z_j, [y_i, ...]) = 1000 i + j: the score names the pair it was computed for."""
+
+    def answer_scores(self, z, answers):
+        import torch
+
+        j = float(z.reshape(-1)[0])
+        return torch.tensor([1000.0 * a[0] + j for a in answers], dtype=torch.float64)
+
+
+def test_candidate_scores_put_each_pair_where_it_belongs():
+    from types import SimpleNamespace
+
+    from mcollapse.experiments.gmi import alternatives
+    from mcollapse.experiments.llm_side import candidate_scores
+
+    n = 9
+    zs = [np.full((1 + j % 3, 2), float(j)) for j in range(n)]  # z_j carries j; lengths vary
+    answers = [[i] for i in range(n)]  # y_i carries i
+    candidates = np.concatenate([np.arange(n)[:, None], alternatives(n, 4, seed=1)], axis=1)
+    inputs = SimpleNamespace(decoder=_EncodingDecoder())
+    scores = candidate_scores(inputs, zs, answers, candidates, "test", chunk=2)
+    np.testing.assert_array_equal(scores, 1000.0 * np.arange(n)[:, None] + candidates)
+
+
+def test_conditional_w1_is_the_mean_distance_to_each_text_point():
+    from mcollapse.analysis.gmi import conditional_w1_to_points
+
+    modal = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]])
+    text = np.array([[3.0, 4.0], [1.0, 1.0], [2.0, -1.0]])
+    assert conditional_w1_to_points(modal, text) == pytest.approx((5.0 + 0.0 + 1.0) / 3)
+    with pytest.raises(ValueError, match="pair"):
+        conditional_w1_to_points(modal, text[:2])
+
+
+def test_accessibility_gap_only_when_probe_and_gmi_concern_the_same_variable():
+    from mcollapse.experiments.gmi import accessibility_gaps
+
+    info = {"modal": {"information": 2.0}, "text": {"information": 2.5}}
+    gmis = {"modal": 0.5, "text": 1.5}
+    gaps, reason = accessibility_gaps("transcript", info, gmis)
+    assert gaps == {"modal": 1.5, "text": 1.0} and reason is None
+    gaps, reason = accessibility_gaps("speaker", info, gmis)
+    assert gaps == {} and "speaker" in reason and "transcript" in reason

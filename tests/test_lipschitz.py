@@ -13,6 +13,7 @@ from mcollapse.analysis.lipschitz import (
     covariance_eigenvalues,
     diameter,
     effective_diameter,
+    equal_length_neighbours,
     gradient_norm_histogram,
     gradient_norm_stats,
     linear_softmax_lipschitz,
@@ -192,18 +193,31 @@ def test_effective_diameter_recovers_a_sphere_in_a_subspace():
 
 
 def test_secant_slopes_are_lower_bounds_on_the_linear_lipschitz_constant():
-    W, b = linear_decoder(V=4, T=1, d=6, seed=4)
+    W, b = linear_decoder(V=4, T=2, d=3, seed=4)
     rng = np.random.default_rng(5)
-    Z = rng.normal(size=(60, 6))
+    Z = rng.normal(size=(60, 2, 3))
     y = rng.integers(0, 4, size=60)
-    logp = torch.log_softmax(torch.from_numpy(Z) @ W.T + b, dim=-1).numpy()  # (n_z, V)
-    S = logp[:, y].T  # S[i, j] = log q(y_i | z_j)
-    slopes = secant_lipschitz(S, Z, k=2)
+    logp = torch.log_softmax(torch.from_numpy(Z.reshape(60, -1)) @ W.T + b, dim=-1).numpy()  # (n_z, V)
+    neighbours, dist = equal_length_neighbours(list(Z), k=2)
+    own = logp[np.arange(60), y]
+    other = logp[neighbours, y[:, None]]  # sample i's target with its neighbours' z
+    slopes = secant_lipschitz(own, other, dist)
     per_y = np.array([linear_softmax_lipschitz(W.numpy(), int(t)) for t in y])
     assert np.all(np.isfinite(slopes)) and np.all(slopes > 0)
     assert np.all(slopes <= per_y * (1 + 1e-12))
     with pytest.raises(ValueError):
-        secant_lipschitz(S[:5], Z)
+        secant_lipschitz(own[:5], other, dist)
+
+
+def test_neighbours_pair_only_sequences_of_equal_length():
+    arrays = [np.zeros((2, 1)), np.full((2, 1), 3.0), np.ones((2, 1)), np.zeros((5, 1)), np.ones((4, 1))]
+    index, dist = equal_length_neighbours(arrays, k=2)
+    np.testing.assert_array_equal(index[0], [2, 1])  # distances sqrt(2) and sqrt(18)
+    assert dist[0] == pytest.approx([math.sqrt(2), math.sqrt(18)])
+    np.testing.assert_array_equal(index[1], [2, 0])
+    assert (index[3] == -1).all() and (index[4] == -1).all() and np.isinf(dist[3]).all()
+    slopes = secant_lipschitz(np.array([0.0, 1.0, 2.0, 0.0, 0.0]), np.where(index >= 0, 1.0, np.nan), dist)
+    assert slopes[0] == pytest.approx(1 / math.sqrt(2)) and np.isnan(slopes[3])
 
 
 def test_lipschitz_summary_products():
@@ -242,3 +256,25 @@ def test_padded_attention_batch_matches_unpadded_samples():
         for i, n in enumerate(lengths)
     ]
     torch.testing.assert_close(batched, torch.cat(singles), rtol=1e-10, atol=1e-12)
+
+
+def test_shared_shift_norm_is_the_gradient_with_respect_to_a_common_offset():
+    """d/d delta of l(z + 1 delta^T) = sum of the per-position gradients over the real positions."""
+    from mcollapse.analysis.lipschitz import shared_shift_gradient_norms
+
+    W, b = linear_decoder(V=5, T=3, d=4, seed=8)
+    z = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    y = torch.tensor([1, 3])
+    score = linear_scores(W, b, y)
+    _, grad = per_sample_gradient_norms(score, z, return_grad=True)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    norms = shared_shift_gradient_norms(grad, mask)
+    for i in range(2):
+        delta = torch.zeros(1, 1, 4, dtype=torch.float64, requires_grad=True)
+        shift = mask[i : i + 1, :, None].double() * delta  # the padded position is not shifted
+        (g,) = torch.autograd.grad(linear_scores(W, b, y[i : i + 1])(z[i : i + 1] + shift)[0], delta)
+        assert float(norms[i]) == pytest.approx(float(torch.linalg.vector_norm(g)), rel=1e-12)
+    # a score of the pooled mean alone: l = w . mean_t z_t has shift norm ||w|| whatever the length
+    w = torch.tensor([3.0, 4.0, 0.0, 0.0], dtype=torch.float64)
+    _, grad = per_sample_gradient_norms(lambda t: (t.mean(1) * w).sum(-1), z, return_grad=True)
+    assert np.allclose(shared_shift_gradient_norms(grad, None), 5.0)

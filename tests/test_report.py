@@ -52,8 +52,11 @@ def planted(tmp_path):
     _run(root, "probe/b", "probe", "m", "d", {}, _probe_rows("m", "d", "speaker", {"llm_final": [0.6, 0.6]}, 0.25,
                                                              seeds=(44, 45)))
     _run(root, "lipschitz/a", "lipschitz", "m", "d", {"L_mean": 2.0, "L_p95": 3.0, "D": 5.0, "target": "content",
-                                                      "reduction": "sum", "n_samples": 10})
-    _run(root, "wasserstein/a", "wasserstein", "m", "d", {"w1": 4.0, "hook": "llm_layer_16", "null_w1": 0.5})
+                                                      "reduction": "sum", "n_samples": 10, "selection_digest": "s1",
+                                                      "L_space": "adapter_output", "D_reference": 4.5,
+                                                      "L_pooled_mean": 6.0, "L_secant_median": 0.5})
+    _run(root, "wasserstein/a", "wasserstein", "m", "d", {"w1": 4.0, "hook": "llm_layer_16", "null_w1": 0.5,
+                                                          "selection_digest": "s1"})
     _run(root, "lipschitz/other", "lipschitz", "m2", "d", {"L_mean": 1.0, "L_p95": 1.5, "D": 2.0, "target": "content",
                                                            "reduction": "sum"})
     failed = root / "ablation" / "a"
@@ -77,6 +80,8 @@ def test_tables_pool_seeds_derive_retention_and_products_and_cite_their_runs(pla
     assert rows["m"]["L_mean_x_W1"] == 8.0 and rows["m"]["L_p95_x_W1"] == 12.0
     assert rows["m"]["source"] == "lipschitz/a;wasserstein/a" and rows["m"]["target"] == "content"
     assert rows["m2"]["W1"] is None and rows["m2"]["L_mean_x_W1"] is None  # no W1 run: left empty, said so
+    assert rows["m"]["L_space"] == "adapter_output" and rows["m"]["w1_hook"] == "llm_layer_16"
+    assert (rows["m"]["D_reference"], rows["m"]["L_pooled_mean"], rows["m"]["L_secant_median"]) == (4.5, 6.0, 0.5)
     assert tables["table8_lipschitz_w1"].missing == ["m2 × d: W1 (no wasserstein run)"]
     assert tables["table10_prismatic"].missing == ["no probe runs of Prismatic models (family prismatic)"]
     assert tables["table2_ablation"].missing == ["no ablation runs"]
@@ -95,6 +100,23 @@ def test_report_writes_every_table_and_lists_what_is_missing(planted, tmp_path):
     assert "| 0.525 ± 0.096 |" in (out / "table5_probes.md").read_text()
     csv_text = (out / "table8_lipschitz_w1.csv").read_text().splitlines()
     assert csv_text[0].split(",")[-1] == "source" and "8.0" in csv_text[1]
+
+
+def test_l_times_w1_pairs_only_runs_over_the_same_selection(tmp_path):
+    root = tmp_path / "sweep"
+    lip = {"L_mean": 2.0, "L_p95": 3.0, "D": 5.0, "target": "content", "reduction": "sum", "n_samples": 10}
+    _run(root, "lipschitz/a", "lipschitz", "m", "d", {**lip, "selection_digest": "s1"})
+    _run(root, "lipschitz/old", "lipschitz", "m", "e", lip)  # written before runs named their selection
+    _run(root, "wasserstein/other", "wasserstein", "m", "d", {"w1": 4.0, "hook": "llm_layer_16",
+                                                              "selection_digest": "s2"})
+    _run(root, "wasserstein/e", "wasserstein", "m", "e", {"w1": 1.0, "hook": "llm_layer_16"})
+    table = {t.name: t for t in paper_tables(load_runs(str(root)))}["table8_lipschitz_w1"]
+    paired = [r for r in table.rows if r.get("L_mean") is not None and r.get("W1") is not None]
+    assert paired == []  # different selections, or no digest to compare: no product
+    assert all(r.get("L_mean_x_W1") is None for r in table.rows)
+    assert "m × d: W1 (no wasserstein run over the same selection)" in table.missing
+    assert "m × e: W1 (no wasserstein run over the same selection)" in table.missing
+    assert "m × d: L (no lipschitz run over the same selection)" in table.missing
 
 
 def test_missing_runs_and_a_bad_path_are_user_errors(tmp_path):

@@ -89,6 +89,59 @@ def test_gradient_pass_resumes_from_its_shards_with_identical_results(family, re
     assert again.ids == sequences.ids and np.all(first.norms > 0)
 
 
+def test_gradient_pass_keeps_the_shared_shift_norm_and_versions_its_shards(family, records, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from mcollapse.experiments import llm_side
+    from mcollapse.models.decoder import Decoder
+    from mcollapse.report.output import RunRecorder
+
+    sequences = adapter_sequences(family, records, DATASET, tmp_path / "cache")
+    inputs = llm_side.DecoderInputs(family, Decoder(family), sequences, {r.id: r.text for r in records}, DATASET,
+                                    tmp_path / "cache")
+    target = SimpleNamespace(name="content", reduction="sum")
+    rec = RunRecorder(tmp_path / "run", {})
+    grads = llm_side.gradients(inputs, rec, sequences.ids, target, 2)
+    assert grads.shift_norms.shape == grads.norms.shape and np.all(grads.shift_norms > 0)
+    # ||sum_t g_t|| <= sqrt(T) ||g||_F (Cauchy-Schwarz over the T positions)
+    assert np.all(grads.shift_norms <= np.sqrt(grads.lengths) * grads.norms * (1 + 1e-5))
+    monkeypatch.setattr(llm_side, "GRADIENT_SHARDS_VERSION", llm_side.GRADIENT_SHARDS_VERSION + 1)
+    llm_side.gradients(inputs, rec, sequences.ids, target, 2)
+    assert rec.counts["gradients_batches_from_cache"] == 0  # other shard contents: not reused
+    assert len(list((tmp_path / "cache" / "gradients").iterdir())) == 2
+
+
+def test_secant_scores_pair_each_target_with_its_neighbours_representation(family, tmp_path):
+    from types import SimpleNamespace
+
+    from mcollapse.analysis.lipschitz import equal_length_neighbours
+    from mcollapse.experiments import llm_side
+    from mcollapse.models.decoder import Decoder, compose, pad_sequences
+    from mcollapse.report.output import RunRecorder
+
+    records = []
+    for sample in audio_samples([1.0, 1.0, 1.0, 2.0], seed=3):  # three of one length, one alone
+        path = tmp_path / f"{sample.id}.wav"
+        soundfile.write(path, sample.audio, 16_000)
+        records.append(Record(id=sample.id, path=path, modality="audio", text=sample.record.text))
+    sequences = adapter_sequences(family, records, DATASET, tmp_path / "cache")
+    inputs = llm_side.DecoderInputs(family, Decoder(family), sequences, {r.id: r.text for r in records}, DATASET,
+                                    tmp_path / "cache")
+    target = SimpleNamespace(name="content", reduction="sum")
+    ids = sequences.ids
+    neighbours, _ = equal_length_neighbours(sequences.arrays, k=2)
+    assert (neighbours[:3] >= 0).all() and (neighbours[3] == -1).all()
+    own, other = llm_side.secant_scores(inputs, ids, neighbours, target, batch_size=2)
+    grads = llm_side.gradients(inputs, RunRecorder(tmp_path / "run", {}), ids, target, 2)
+    np.testing.assert_allclose(own[:3], grads.scores[:3], rtol=1e-4)  # l_i(z_i): the gradient pass's score
+    assert np.isnan(own[3]) and np.isnan(other[3]).all()
+    i, j = 0, int(neighbours[0, 1])
+    batch = compose(family, [len(sequences.arrays[j])], [inputs.answer(ids[i])], "content", "sum")
+    direct = float(inputs.decoder.scores(batch, pad_sequences([sequences.arrays[j]])).detach()[0])
+    assert other[0, 1] == pytest.approx(direct, rel=1e-4)  # sample 0's target with its neighbour's z
+    assert other[0, 1] != pytest.approx(own[j], rel=1e-6)  # not the neighbour's own target
+
+
 def test_job_waiting_on_the_lock_finds_the_sequences_and_computes_nothing(family, records, tmp_path):
     """Two jobs released together: one runs the encoder, the other waits on the entry's lock, then reads.
     Threads suffice: flock excludes two opens of the lock file in one process as it does two processes."""

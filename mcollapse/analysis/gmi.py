@@ -249,6 +249,16 @@ def gmi_gap(
     )
 
 
+def conditional_w1_to_points(modal, text) -> float:
+    """E_y W1(P_M(Z | y), delta_{z_T(y)}) when the text z is a function of y: row i of ``modal`` is
+    a modal point of y_i and row i of ``text`` is z_T(y_i), so each W1 to a point mass is the mean
+    distance to it, and with one modal point per y the expectation is mean_i ||m_i - t_i||."""
+    modal, text = np.asarray(modal, dtype=np.float64), np.asarray(text, dtype=np.float64)
+    if modal.ndim != 2 or modal.shape != text.shape or len(modal) == 0:
+        raise ValueError(f"modal and text must pair row by row, got shapes {modal.shape} and {text.shape}")
+    return float(np.linalg.norm(modal - text, axis=1).mean())
+
+
 @dataclass(frozen=True)
 class Theorem2Bound:
     """Right-hand side of Eq. 4 and its parts.

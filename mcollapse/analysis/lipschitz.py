@@ -6,8 +6,8 @@ smallest such constant over a convex region is the supremum of ||grad_z l|| ther
 the distribution of per-sample gradient norms (Frobenius over all positions and features) and
 report its mean, median, p95 and max; which statistic stands in for the supremum is the caller's
 choice (the paper's §B.2 names p95, its Table 8 products use the mean). ``secant_lipschitz`` gives
-a derivative-free cross-check: every secant slope |l(z_i) - l(z_j)| / ||z_i - z_j|| is a certified
-lower bound on the constant along that segment.
+a derivative-free cross-check: every secant slope |l(z_i) - l(z_j)| / ||z_i - z_j|| between
+sequences of equal length is a certified lower bound on the constant along that segment.
 
 D (Assumption 3) is the diameter of the region the representations occupy; we estimate it as the
 largest pairwise distance in a sample. §A.3 allows D to be replaced by the diameter of any set
@@ -89,6 +89,21 @@ def per_sample_gradient_norms(
     return (norms, grad) if return_grad else norms
 
 
+def shared_shift_gradient_norms(grad, mask=None) -> np.ndarray:
+    """||d/d delta l(z + 1 delta^T)|| per sample: the norm of the per-position gradients summed over
+    the real positions. Shifting every position by delta shifts the pooled mean by delta, so this is
+    the Lipschitz estimate in the pooled space where W1 and D are measured (grad: (B, T, d))."""
+    g = grad.detach().cpu().double().numpy() if isinstance(grad, torch.Tensor) else np.asarray(grad, np.float64)
+    if g.ndim != 3:
+        raise ValueError(f"grad must be (batch, positions, features), got shape {g.shape}")
+    if mask is not None:
+        m = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+        if m.shape != g.shape[:2]:
+            raise ValueError(f"mask shape {m.shape} does not match grad's positions {g.shape[:2]}")
+        g = g * m[..., None]
+    return np.linalg.norm(g.sum(axis=1), axis=1)
+
+
 def _finite_values(values) -> tuple[np.ndarray, int]:
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().double().numpy()
@@ -142,36 +157,55 @@ def linear_softmax_lipschitz(W, y: int | None = None) -> float:
     return float(np.sqrt((gaps**2).sum(-1)).max())
 
 
-def secant_lipschitz(score_matrix, Z, *, k: int = 2) -> np.ndarray:
-    """Per sample i, the largest secant slope to its k nearest neighbours: a lower bound on L_log.
+def equal_length_neighbours(arrays, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Each sequence's k nearest others of the same shape, by the Frobenius norm of the difference
+    (the norm the gradient L uses): indices (n, k), -1 where its shape has fewer other members,
+    and the distances (inf there). Sequences of different lengths are not points of one space,
+    so they never pair."""
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    n = len(arrays)
+    index = np.full((n, k), -1, dtype=np.int64)
+    dist = np.full((n, k), np.inf)
+    groups: dict[tuple, list[int]] = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault(tuple(np.shape(a)), []).append(i)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        d = np.full((len(members), len(members)), np.inf)
+        for a, i in enumerate(members):
+            zi = np.asarray(arrays[i], dtype=np.float64)
+            for b in range(a + 1, len(members)):
+                d[a, b] = d[b, a] = float(np.linalg.norm(zi - np.asarray(arrays[members[b]], dtype=np.float64)))
+        take = min(k, len(members) - 1)
+        order = np.argsort(d, axis=1, kind="stable")[:, :take]
+        for a, i in enumerate(members):
+            index[i, :take] = np.asarray(members)[order[a]]
+            dist[i, :take] = d[a, order[a]]
+    return index, dist
 
-    ``score_matrix[i, j]`` is l(c, z_j, y_i), sample i's target scored with sample j's
-    representation (the matrix the GMI estimate needs anyway); ``Z`` holds the representations,
-    one flattened row per sample. By the mean-value theorem |l(z_i) - l(z_j)| / ||z_i - z_j|| is
-    at most the largest gradient norm on the segment, so these slopes bound L_log from below with
-    no derivative; nearest neighbours keep the segments short, where the slope approaches the
-    local gradient norm. Samples whose neighbours coincide with them get NaN.
+
+def secant_lipschitz(own_scores, neighbour_scores, distances) -> np.ndarray:
+    """Per sample i, the largest secant slope |l_i(z_i) - l_i(z_j)| / ||z_i - z_j|| over its
+    neighbours j: a lower bound on L_log, with no derivative (the paper's 2-NN estimate).
+
+    ``own_scores[i]`` = l(c, z_i, y_i); ``neighbour_scores[i, c]`` = l(c, z_j, y_i), sample i's
+    target scored with its c-th neighbour's representation, at distance ``distances[i, c]``. By the
+    mean-value theorem each slope is at most the largest gradient norm on the segment; short
+    segments bring it close to the local gradient norm. Neighbours with a non-finite or zero
+    distance are ignored; a sample with none gets NaN.
     """
-    S = np.asarray(score_matrix, dtype=np.float64)
-    Z = np.asarray(Z, dtype=np.float64).reshape(len(Z), -1)
-    n = len(Z)
-    if S.shape != (n, n):
-        raise ValueError(f"score_matrix must be ({n}, {n}) for {n} representations, got {S.shape}")
-    if not 1 <= k < n:
-        raise ValueError(f"k must be between 1 and n - 1 = {n - 1}, got {k}")
-    Z = Z - Z.mean(0)
-    dist = np.sqrt(_squared_distances(Z, Z))
-    np.fill_diagonal(dist, np.inf)
-    neighbours = np.argsort(dist, axis=1, kind="stable")[:, :k]
-    rows = np.arange(n)[:, None]
-    d = dist[rows, neighbours]
-    rise = np.abs(S[rows, rows] - S[rows, neighbours])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        slopes = np.where(d > 0, rise / d, np.nan)
-    out = np.full(n, np.nan)
-    valid = ~np.all(np.isnan(slopes), axis=1)
-    out[valid] = np.nanmax(slopes[valid], axis=1)
-    return out
+    own = np.asarray(own_scores, dtype=np.float64)
+    other = np.asarray(neighbour_scores, dtype=np.float64)
+    d = np.asarray(distances, dtype=np.float64)
+    if own.ndim != 1 or other.shape != d.shape or other.shape[:1] != own.shape:
+        raise ValueError(f"need own (n,), neighbour scores and distances (n, k); got {own.shape}, {other.shape}, "
+                         f"{d.shape}")
+    usable = np.isfinite(d) & (d > 0) & np.isfinite(other)
+    slopes = np.where(usable, np.abs(own[:, None] - np.where(usable, other, 0.0)) / np.where(usable, d, 1.0), -np.inf)
+    best = slopes.max(axis=1)
+    return np.where(np.isfinite(best), best, np.nan)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,11 @@ def recorder(cfg, run_dir: Path) -> RunRecorder:
 class Selection:
     records: list[Record]
     fingerprint: str  # ids, file sizes and generator options of the whole dataset
+    digest: str  # the selected ids and the fingerprint: runs pair up only over the same samples
+
+
+def selection_digest(ids: list[str], fingerprint: str) -> str:
+    return hashlib.sha256("\n".join([fingerprint, *ids]).encode()).hexdigest()[:16]
 
 
 def selected_records(cfg, rec: RunRecorder) -> Selection:
@@ -40,7 +46,9 @@ def selected_records(cfg, rec: RunRecorder) -> Selection:
     if not chosen:
         raise UserError(f"dataset '{cfg.dataset.name}' has no samples")
     log.info("dataset %s: %d samples found, %d selected", cfg.dataset.name, len(records), len(chosen))
-    return Selection(chosen, info["fingerprint"])
+    digest = selection_digest([r.id for r in chosen], info["fingerprint"])
+    rec.summary_fields["selection_digest"] = digest
+    return Selection(chosen, info["fingerprint"], digest)
 
 
 def text_model_config(name: str, conf_dir: Path):

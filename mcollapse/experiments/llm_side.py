@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mcollapse.analysis.lipschitz import per_sample_gradient_norms
+from mcollapse.analysis.lipschitz import per_sample_gradient_norms, shared_shift_gradient_norms
 from mcollapse.analysis.modes import (
     Eigenbasis,
     ModeAlignment,
@@ -178,13 +178,18 @@ def eigenbasis_for(cfg, inputs: DecoderInputs, rec: RunRecorder):
 # One batched LLM-only backward per batch: gradient norms, scores and mode projections
 
 
+GRADIENT_SHARDS_VERSION = 2  # 2: shards hold shift_norms; older shards lack them and are not reused
+
+
 @dataclass
 class Gradients:
-    """Per sample: ||grad_z l||_F, l itself, #scored tokens, and (with modes) the gradient's
-    magnitude along each mode, per position (n, k) and for the mean-over-positions gradient."""
+    """Per sample: ||grad_z l||_F, the norm of the gradient w.r.t. a shift shared by all positions
+    (the pooled-space L), l itself, #scored tokens, and (with modes) the gradient's magnitude along
+    each mode, per position (n, k) and for the mean-over-positions gradient."""
 
     ids: list[str]
     norms: np.ndarray
+    shift_norms: np.ndarray
     scores: np.ndarray
     n_scored: np.ndarray
     lengths: np.ndarray
@@ -212,13 +217,14 @@ def gradients(inputs: DecoderInputs, rec: RunRecorder, ids: list[str], target, b
     answers = [inputs.answer(i) for i in ids] if target.name == "content" else None
     extra = np.array([len(a) for a in answers]) if answers else np.zeros(len(ids), dtype=int)
     order = np.argsort(lengths + extra, kind="stable")
-    key = cache_key({"kind": "gradients", "sequences": inputs.decoder_key, "ids": ids_digest(ids),
+    key = cache_key({"kind": "gradients", "version": GRADIENT_SHARDS_VERSION, "sequences": inputs.decoder_key,
+                     "ids": ids_digest(ids),
                      "target": target.name, "reduction": target.reduction, "batch_size": int(batch_size),
                      "modes": mode_set.key if mode_set else None, "dtype": str(inputs.family.dtype)})
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     gather = sharded_pass(rec, inputs.cache_dir / "gradients" / key, batches, "gradients",
                           lambda rows: _gradient_batch(inputs, seqs, rows, answers, target, mode_set))
-    return Gradients(ids, gather("norms"), gather("scores"), gather("n_scored"), lengths,
+    return Gradients(ids, gather("norms"), gather("shift_norms"), gather("scores"), gather("n_scored"), lengths,
                      gather("mode_magnitudes"), gather("mean_grad_magnitudes"), target.name, target.reduction)
 
 
@@ -268,7 +274,7 @@ def _gradient_batch(inputs, seqs, rows, answers, target, mode_set) -> dict:
         return values
 
     norms, grad = per_sample_gradient_norms(score, pad_sequences(zs), mask=batch.z_mask, return_grad=True)
-    out = {"norms": norms.cpu().double().numpy(),
+    out = {"norms": norms.cpu().double().numpy(), "shift_norms": shared_shift_gradient_norms(grad, batch.z_mask),
            "scores": kept["scores"].cpu().double().numpy(), "n_scored": batch.n_scored.numpy()}
     if not np.all(np.isfinite(out["norms"])):
         log.warning("non-finite gradient norms in a batch of %d samples (kept, counted in the stats)", len(rows))
@@ -283,6 +289,38 @@ def _gradient_batch(inputs, seqs, rows, answers, target, mode_set) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Scores without gradients, for many (z, y) pairs
+
+
+def secant_scores(inputs: DecoderInputs, ids: list[str], neighbours: np.ndarray, target,
+                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """l_i(z_i) and l_i(z_j) for each sample i and neighbour j (-1: none), under the run's target:
+    sample i's target scored with j's representation. Each sample's own row and its neighbours'
+    rows share a forward batch, so their difference carries no batch-to-batch rounding."""
+    seqs = inputs.sequences.subset(ids)
+    answers = [inputs.answer(i) for i in ids] if target.name == "content" else None
+    own = np.full(len(ids), np.nan)
+    other = np.full(neighbours.shape, np.nan)
+    groups = [[(i, -1, i)] + [(i, c, int(j)) for c, j in enumerate(neighbours[i]) if j >= 0]
+              for i in range(len(ids)) if (neighbours[i] >= 0).any()]
+    batches: list[list[tuple[int, int, int]]] = []
+    for group in groups:  # whole groups per batch, so a sample's rows are never split
+        if batches and len(batches[-1]) + len(group) <= batch_size:
+            batches[-1].extend(group)
+        else:
+            batches.append(list(group))
+    with torch.no_grad():
+        for part in batches:
+            zs = [seqs.arrays[j] for _, _, j in part]
+            batch = compose(inputs.family, [len(z) for z in zs], [answers[i] for i, _, _ in part] if answers else None,
+                            target.name, target.reduction)
+            values = inputs.decoder.scores(batch, pad_sequences(zs)).double().cpu().numpy()
+            for (i, c, _), value in zip(part, values):
+                if c < 0:
+                    own[i] = value
+                else:
+                    other[i, c] = value
+    return own, other
+
 
 
 def candidate_scores(inputs: DecoderInputs, zs: list[np.ndarray], answers: list[list[int]],

@@ -58,19 +58,23 @@ def _figure(a: np.ndarray, b: np.ndarray, result, hook: str, path: Path, title: 
 
 
 def _with_lipschitz(cfg, selection, w1: float) -> dict:
-    """L_log x W1 (paper Table 8) when a lipschitz run exists for this model x dataset x target.
+    """L_log x W1 (paper Table 8) when a lipschitz run over the same dataset selection exists for
+    this model x dataset x target; otherwise `lipschitz_missing` says why there is no product.
 
     As in the paper, L is a norm over the adapter-output sequence and W1 is between pooled clouds
     at an LLM hook: the product is a scale comparison, not the bound's exact term."""
     dataset = {"name": cfg.dataset.name, "fingerprint": selection.fingerprint}
     path = lipschitz_summary_path(Path(cfg.paths.cache_dir), cfg.model, dataset, cfg.target)
     if not path.is_file():
-        log.info("no lipschitz result for %s x %s (target=%s): run experiment=lipschitz for L x W1",
-                 cfg.model.name, cfg.dataset.name, cfg.target.name)
-        return {}
+        return {"lipschitz_missing": f"no lipschitz result for {cfg.model.name} x {cfg.dataset.name} "
+                                     f"(target={cfg.target.name}): run experiment=lipschitz for L x W1"}
     found = json.loads(path.read_text())
+    if found.get("selection_digest") != selection.digest:
+        return {"lipschitz_missing": f"the lipschitz result {found.get('run_dir')} is over another dataset selection "
+                                     "(or does not name it): rerun experiment=lipschitz with this selection"}
     return {"L_mean": found["L_mean"], "L_p95": found["L_p95"], "L_mean_x_W1": found["L_mean"] * w1,
             "L_p95_x_W1": found["L_p95"] * w1, "lipschitz_target": cfg.target.name,
+            "lipschitz_space": found.get("L_space"), "n_lipschitz": found.get("n_samples"),
             "lipschitz_run": found.get("run_dir")}
 
 
@@ -101,6 +105,8 @@ def run(cfg, run_dir: Path) -> dict:
     table.add_row(f"{result.w1:.3f}", f"[{result.ci[0]:.3f}, {result.ci[1]:.3f}]", null, excess,
                   f"{result.sliced_w1:.3f}", f"{result.n_a}/{result.n_b}", str(result.dims))
     Console(width=140).print(table)
+    if "lipschitz_missing" in metrics:
+        log.info("L x W1: %s", metrics["lipschitz_missing"])
     if "L_mean_x_W1" in metrics:
         log.info("L_log x W1 (target=%s): mean %.4g, p95 %.4g", metrics["lipschitz_target"], metrics["L_mean_x_W1"],
                  metrics["L_p95_x_W1"])

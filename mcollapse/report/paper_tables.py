@@ -149,14 +149,26 @@ def prismatic_table(groups: list[dict]) -> Table:
 # The decoder: Table 8 (L, D, W1, L·W1), Table 11 (mode alignment), Table 2 (ablation), Table 3 (LoRA)
 
 
+def _same_selection(a: Run, b: Run) -> bool:
+    """Both runs name their dataset selection and it is the same (runs without a digest never pair)."""
+    digest = a.summary.get("selection_digest")
+    return digest is not None and digest == b.summary.get("selection_digest")
+
+
 def lipschitz_w1_table(runs: RunSet) -> Table:
-    columns = ["model", "dataset", "seed", "target", "reduction", "n_samples", "L_mean", "L_p95", "D", "D_eff",
-               "w1_hook", "W1", "W1_ci_low", "W1_ci_high", "null_W1", "L_mean_x_W1", "L_p95_x_W1", "source"]
+    columns = ["model", "dataset", "seed", "target", "reduction", "n_samples", "L_space", "L_mean", "L_p95",
+               "L_pooled_mean", "L_secant_median", "D", "D_reference", "D_eff", "w1_hook", "W1", "W1_ci_low",
+               "W1_ci_high", "null_W1", "L_mean_x_W1", "L_p95_x_W1", "source"]
     table = Table("table8_lipschitz_w1", "Decoder Lipschitz constant, diameter and W1 (Table 8)", columns,
-                  caption="L: gradient norm of log q(y | z, c) w.r.t. the adapter-output sequence under the row's "
-                          "loss `target` (mean and p95 over samples); D: diameter of the pooled adapter outputs; W1: "
-                          "modal vs text representations at `w1_hook` (independent of the target), with its "
-                          "bootstrap CI and the text-vs-text floor `null_W1`. Products use this row's L and W1.")
+                  caption="L: gradient norm of log q(y | z, c) w.r.t. the representation named in `L_space` under "
+                          "the row's loss `target` (mean and p95 over samples); `L_pooled_mean`: the same w.r.t. a "
+                          "shift shared by all positions (the pooled space of D and W1); `L_secant_median`: the "
+                          "paper's 2-NN secant slope over pairs of equal length, a lower-bound cross-check. D: "
+                          "diameter of the pooled adapter outputs; `D_reference`: the earlier code's D (max of "
+                          "std·√d and sampled pair distances), comparable with the paper's. W1: modal vs text "
+                          "representations at `w1_hook` (independent of the target), with "
+                          "its bootstrap CI and the text-vs-text floor `null_W1`. L and W1 are paired only when both "
+                          "runs drew the same dataset selection; products use this row's L and W1.")
     lips = sorted(runs.of("lipschitz"), key=_order)
     w1s = defaultdict(list)
     for run in runs.of("wasserstein"):
@@ -164,14 +176,17 @@ def lipschitz_w1_table(runs: RunSet) -> Table:
     used = set()
     for lip in lips:
         s = lip.summary
-        partners = w1s.get((lip.model, lip.dataset), []) or [None]
+        candidates = w1s.get((lip.model, lip.dataset), [])
+        partners = [w for w in candidates if _same_selection(lip, w)] or [None]
         for w in partners:
             ws = w.summary if w else {}
             w1 = ws.get("w1")
             table.rows.append({"model": lip.model, "dataset": lip.dataset, "seed": lip.seed, "target": s.get("target"),
                                "reduction": s.get("reduction"), "n_samples": s.get("n_samples"),
-                               "L_mean": s.get("L_mean"), "L_p95": s.get("L_p95"), "D": s.get("D"),
-                               "D_eff": s.get("D_eff"), "w1_hook": ws.get("hook"), "W1": w1,
+                               "L_space": s.get("L_space"), "L_mean": s.get("L_mean"), "L_p95": s.get("L_p95"),
+                               "L_pooled_mean": s.get("L_pooled_mean"), "L_secant_median": s.get("L_secant_median"),
+                               "D": s.get("D"), "D_reference": s.get("D_reference"), "D_eff": s.get("D_eff"),
+                               "w1_hook": ws.get("hook"), "W1": w1,
                                "W1_ci_low": ws.get("w1_ci_low"), "W1_ci_high": ws.get("w1_ci_high"),
                                "null_W1": ws.get("null_w1"),
                                "L_mean_x_W1": s["L_mean"] * w1 if w1 is not None and s.get("L_mean") is not None
@@ -180,9 +195,11 @@ def lipschitz_w1_table(runs: RunSet) -> Table:
                                else None,
                                "source": _sources([lip] + ([w] if w else []))})
             if w is None:
-                table.missing.append(f"{lip.model} × {lip.dataset}: W1 (no wasserstein run)")
+                why = "no wasserstein run over the same selection" if candidates else "no wasserstein run"
+                table.missing.append(f"{lip.model} × {lip.dataset}: W1 ({why})")
             else:
                 used.add(id(w))
+    lip_keys = {(lip.model, lip.dataset) for lip in lips}
     for key, partners in sorted(w1s.items()):
         for w in partners:
             if id(w) not in used:
@@ -191,7 +208,8 @@ def lipschitz_w1_table(runs: RunSet) -> Table:
                                    "W1": ws.get("w1"), "W1_ci_low": ws.get("w1_ci_low"),
                                    "W1_ci_high": ws.get("w1_ci_high"), "null_W1": ws.get("null_w1"),
                                    "source": w.source})
-                table.missing.append(f"{w.model} × {w.dataset}: L (no lipschitz run)")
+                why = "no lipschitz run over the same selection" if key in lip_keys else "no lipschitz run"
+                table.missing.append(f"{w.model} × {w.dataset}: L ({why})")
     if not table.rows:
         table.missing.append("no lipschitz or wasserstein runs")
     return table
@@ -339,13 +357,16 @@ def swap_table(runs: RunSet) -> Table:
 def gmi_table(runs: RunSet) -> Table:
     columns = ["model", "dataset", "seed", "target", "estimator", "n_samples", "n_alternatives", "gmi_modal",
                "gmi_modal_ci_low", "gmi_modal_ci_high", "gmi_text", "gap_text_minus_modal", "gap_ci_low",
-               "gap_ci_high", "probe_label", "probe_information_modal", "accessibility_gap_modal",
-               "theorem2_log_rhs_D_eff", "source"]
+               "gap_ci_high", "log_abs_gap", "probe_label", "probe_information_modal", "accessibility_gap_modal",
+               "theorem2_log_rhs_D_eff", "theorem2_log_rhs_pooled_D_eff", "source"]
     table = Table("gmi", "GMI: what the decoder can use of the representation (§4)", columns,
                   caption="Generalised mutual information of the decoder with modal and with text input (nats, "
-                          "capped at log(m + 1) for m alternatives), their gap with its bootstrap CI, the linear-probe "
-                          "lower bound on I(Z; `probe_label`) and the accessibility gap (probe information − GMI), "
-                          "and log of Theorem 2's right-hand side with D_eff.")
+                          "capped at log(m + 1) for m alternatives), their gap with its bootstrap CI and its log, the "
+                          "linear-probe lower bound on I(Z; `probe_label`), the accessibility gap (probe information − "
+                          "GMI; empty unless `probe_label` is the transcript, the GMI's variable), and the log of "
+                          "Theorem 2's right-hand side with D_eff: with the paper's L (unpooled sequence) and with the "
+                          "pooled-space L (shared shift of all positions), the one consistent with W1 and D. A scale "
+                          "comparison, not a check: L is a quantile of gradient norms, not a supremum.")
     return _summary_rows(table, runs, "gmi")
 
 
