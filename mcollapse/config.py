@@ -86,6 +86,7 @@ class ProbeConfig:
 class TargetConfig:
     name: str = "content"  # content | reference (see mcollapse.models.decoder)
     reduction: str = "sum"  # sum | mean over the scored tokens
+    keep_cut_clips: bool = False  # content only: also score clips the audio window cut (against the full text)
 
 
 @dataclass

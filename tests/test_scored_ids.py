@@ -85,3 +85,17 @@ def test_nothing_to_score_is_a_user_error(tmp_path):
     records = [Record(id=f"x{i}", path=Path("x"), modality="audio", text="") for i in range(3)]
     with pytest.raises(UserError, match="transcript"):
         scored_ids(_inputs(records), "content", 2, RunRecorder(tmp_path, {}))
+
+
+def test_clips_cut_to_the_window_are_not_scored_against_their_full_transcript(tmp_path):
+    records = _records()
+    cut = frozenset(r.id for r in records[:PER_SPEAKER])  # the first speaker's clips are long
+    rec = RunRecorder(tmp_path / "a", {})
+    chosen = scored_ids(_inputs(records, cut_ids=cut), "content", None, rec)
+    assert set(chosen) == {r.id for r in records} - cut and rec.counts["n_cut_clips_skipped"] == len(cut)
+    kept = scored_ids(_inputs(records, cut_ids=cut, keep_cut_clips=True), "content", None,
+                      RunRecorder(tmp_path / "b", {}))
+    assert len(kept) == len(records)
+    reference = RunRecorder(tmp_path / "c", {})  # the prompt target does not score the transcript
+    assert len(scored_ids(_inputs(records, cut_ids=cut), "reference", None, reference)) == len(records)
+    assert reference.counts["n_cut_clips_skipped"] == 0

@@ -34,6 +34,7 @@ from mcollapse.data.base import Record
 from mcollapse.errors import UserError
 from mcollapse.experiments.common import Selection
 from mcollapse.extraction.cache import cache_key, cache_lock
+from mcollapse.extraction.extract import longer_than
 from mcollapse.extraction.sequences import Sequences, adapter_sequences
 from mcollapse.models import load_model
 from mcollapse.models.base import ModelFamily
@@ -60,6 +61,8 @@ class DecoderInputs:
     records: dict[str, Record] = field(default_factory=dict)  # by id: the fields a scored draw is stratified by
     seed: int = 0
     stratify_by: str | None = None  # the dataset's stratification field, used where records have no speaker
+    cut_ids: frozenset[str] = frozenset()  # clips longer than the audio window, which the encoder cut
+    keep_cut_clips: bool = False  # False: target=content does not score a cut clip against its full transcript
 
     def with_text(self, ids: list[str] | None = None) -> list[str]:
         """The ids (default: all usable) that have a transcript/caption to serve as the target y."""
@@ -98,23 +101,26 @@ def decoder_inputs(cfg, rec: RunRecorder, selection: Selection) -> DecoderInputs
     with rec.stage("adapter_sequences"):
         sequences = adapter_sequences(family, selection.records, dataset, cache_dir, bool(cfg.strict))
     texts = {r.id: (r.text or "") for r in selection.records}
+    cut_ids = longer_than(selection.records, cfg.model.audio_window_s) if family.cuts_long_audio else []
     rec.counts.update({"n_usable": len(sequences.ids), "modal_skipped": sequences.skipped,
-                       "sequence_rows_computed": sequences.computed,
+                       "n_audio_cut_to_window": len(cut_ids), "sequence_rows_computed": sequences.computed,
                        "n_with_text": sum(1 for i in sequences.ids if texts[i].strip())})
     if not sequences.ids:
         raise UserError(f"no sample of '{cfg.dataset.name}' could be read")
     return DecoderInputs(family, Decoder(family), sequences, texts, dataset, cache_dir,
                          records={r.id: r for r in selection.records}, seed=int(cfg.seed),
-                         stratify_by=cfg.dataset.stratify_by)
+                         stratify_by=cfg.dataset.stratify_by, cut_ids=frozenset(cut_ids),
+                         keep_cut_clips=bool(cfg.target.keep_cut_clips))
 
 
 def scored_ids(inputs: DecoderInputs, target: str, n: int | None, rec: RunRecorder, among=None,
                record: bool = True) -> list[str]:
-    """n usable samples that the target can score (content needs a transcript/caption), optionally
-    only those in `among`, drawn by `select`'s seeded rule stratified by speaker where the records
-    have one, else by the dataset's field. Ids sort by speaker in LibriSpeech and CREMA-D, so the
-    first n would be a handful of speakers. The draw depends only on (ids, seed, n), and a smaller n
-    gives a subset of a larger one, so experiments asking for the same n share cached passes.
+    """n usable samples that the target can score (content needs a transcript/caption and, unless
+    target.keep_cut_clips, a clip the audio window did not cut), optionally only those in `among`,
+    drawn by `select`'s seeded rule stratified by speaker where the records have one, else by the
+    dataset's field. Ids sort by speaker in LibriSpeech and CREMA-D, so the first n would be a
+    handful of speakers. The draw depends only on (ids, seed, n), and a smaller n gives a subset of
+    a larger one, so experiments asking for the same n share cached passes.
 
     With `record`, the chosen ids go to `scored_ids.txt` in the run dir and their digest and
     speaker count into the summary (`record=False` for a secondary draw, such as gmi's L_log set)."""
@@ -124,6 +130,14 @@ def scored_ids(inputs: DecoderInputs, target: str, n: int | None, rec: RunRecord
     if not ids:
         raise UserError("no sample has a transcript/caption, so target=content has nothing to score "
                         "(target=reference scores the prompt instead)")
+    cut = [i for i in ids if i in inputs.cut_ids] if target == "content" and not inputs.keep_cut_clips else []
+    if record:
+        rec.counts["n_cut_clips_skipped"] = len(cut)
+    if cut:
+        ids = [i for i in ids if i not in inputs.cut_ids]
+        if not ids:
+            raise UserError(f"all {len(cut)} clips with a transcript are longer than the audio window; "
+                            "target.keep_cut_clips=true scores them against their full transcripts anyway")
     if among is not None:
         ids = [i for i in ids if i in among]
     chosen = _draw(inputs, ids, n)
