@@ -142,10 +142,10 @@ def scored_ids(inputs: DecoderInputs, target: str, n: int | None, rec: RunRecord
         ids = [i for i in ids if i in among]
     chosen = _draw(inputs, ids, n)
     if record:
-        speakers = [inputs.records[i].fields.get(SPEAKER_FIELD) for i in chosen]
-        has_speakers = any(s is not None for s in speakers)
+        speakers = {inputs.records[i].fields.get(SPEAKER_FIELD) for i in chosen} - {None}
+        has_speakers = any(SPEAKER_FIELD in r.fields for r in inputs.records.values())
         rec.summary_fields.update({"scored_ids_digest": ids_digest(chosen),
-                                   "n_speakers": len({s for s in speakers if s is not None}) if has_speakers else None})
+                                   "n_speakers": len(speakers) if has_speakers else None})
         rec.run_dir.mkdir(parents=True, exist_ok=True)
         (rec.run_dir / SCORED_IDS_FILE).write_text("".join(f"{i}\n" for i in chosen))
     return chosen

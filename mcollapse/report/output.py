@@ -55,7 +55,7 @@ class RunRecorder:
     stages: dict[str, float] = field(default_factory=dict)
     counts: dict[str, object] = field(default_factory=dict)
     extra_meta: dict[str, object] = field(default_factory=dict)
-    summary_fields: dict[str, object] = field(default_factory=dict)  # set by shared steps (which samples), joins the summary
+    summary_fields: dict[str, object] = field(default_factory=dict)  # from shared steps (which samples); joins summary
 
     @contextmanager
     def stage(self, name: str):
@@ -71,7 +71,8 @@ class RunRecorder:
 
     def write(self, rows: list[dict], summary: dict, details: dict | None = None) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        payload = {**self.identity, "summary": {**summary, **self.summary_fields}, "counts": self.counts, "rows": rows, **(details or {})}
+        payload = {**self.identity, "summary": {**summary, **self.summary_fields}, "counts": self.counts,
+                   "rows": rows, **(details or {})}
         _atomic_write(self.run_dir / "results.json", json.dumps(payload, indent=2, default=_plain))
         columns = list(ROW_COLUMNS)
         for row in rows:
