@@ -99,3 +99,9 @@ def test_clips_cut_to_the_window_are_not_scored_against_their_full_transcript(tm
     reference = RunRecorder(tmp_path / "c", {})  # the prompt target does not score the transcript
     assert len(scored_ids(_inputs(records, cut_ids=cut), "reference", None, reference)) == len(records)
     assert reference.counts["n_cut_clips_skipped"] == 0
+
+
+@pytest.mark.parametrize("n", [0, -3])
+def test_sample_count_below_one_is_a_user_error(tmp_path, n):
+    with pytest.raises(UserError, match="must be positive"):
+        scored_ids(_inputs(_records()), "content", n, RunRecorder(tmp_path, {}))

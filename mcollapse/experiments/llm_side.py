@@ -152,7 +152,9 @@ def scored_ids(inputs: DecoderInputs, target: str, n: int | None, rec: RunRecord
 
 
 def _draw(inputs: DecoderInputs, ids: list[str], n: int | None) -> list[str]:
-    if not n or int(n) >= len(ids):
+    if n is not None and int(n) < 1:
+        raise UserError(f"the number of samples to score must be positive (null: all), got {n}")
+    if n is None or int(n) >= len(ids):
         return list(ids)
     candidates = [inputs.records[i] for i in ids]
     stratum = next((name for name in (SPEAKER_FIELD, inputs.stratify_by)
