@@ -54,6 +54,7 @@ class DatasetConfig:
     max_samples: Optional[int] = None
     stratify_by: Optional[str] = None
     lexical_rule: str = "reference"  # reference | sentence
+    text_normalization: str = "none"  # none | sentence (sentence case, for upper-case transcripts)
     lexical_top_k: int = 50
     generate: Optional[str] = None  # synthetic generator run on first use when parts are missing
     generate_options: dict[str, Any] = field(default_factory=dict)
@@ -85,6 +86,7 @@ class ProbeConfig:
 class TargetConfig:
     name: str = "content"  # content | reference (see mcollapse.models.decoder)
     reduction: str = "sum"  # sum | mean over the scored tokens
+    keep_cut_clips: bool = False  # content only: also score clips the audio window cut (against the full text)
 
 
 @dataclass

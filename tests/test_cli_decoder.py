@@ -121,3 +121,20 @@ def test_user_errors_are_one_line(tmp_path, env):
                      check=False)
     assert proc.returncode == 2 and "text-only" in proc.stderr.strip().splitlines()[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_clips_cut_to_the_window_are_counted_and_not_scored_for_content(tmp_path, env):
+    window = ["model.audio_window_s=1.9"]  # about half the synthetic sentences are longer
+    for name in ("skip", "keep"):
+        (tmp_path / name).mkdir()
+    mcollapse(["experiment=lipschitz", *SPEECH, *window], tmp_path / "skip", env)
+    run, results = _summary(tmp_path / "skip", "lipschitz", "tiny_qwen2audio", "synthetic_speech")
+    counts, s = results["counts"], results["summary"]
+    assert 0 < counts["n_cut_clips_skipped"] <= counts["n_audio_cut_to_window"]
+    assert s["n_samples"] == counts["n_with_text"] - counts["n_cut_clips_skipped"]
+    assert (run / "scored_ids.txt").read_text().split() == [
+        line.split(",")[0] for line in (run / "per_sample.csv").read_text().splitlines()[1:]]
+    assert 1 <= s["n_speakers"] <= 4 and len(s["scored_ids_digest"]) == 16
+    mcollapse(["experiment=lipschitz", *SPEECH, *window, "target.keep_cut_clips=true"], tmp_path / "keep", env)
+    _, kept = _summary(tmp_path / "keep", "lipschitz", "tiny_qwen2audio", "synthetic_speech")
+    assert kept["counts"]["n_cut_clips_skipped"] == 0 and kept["summary"]["n_samples"] == counts["n_with_text"]

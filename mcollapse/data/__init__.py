@@ -11,6 +11,7 @@ reads one record's audio or image.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from mcollapse.data.generators import generate, generator, read_marker
 from mcollapse.data.labels import INFO_TYPE_FIELDS, LabelColumn, derive_labels
 from mcollapse.data.media import load_media
 from mcollapse.data.selection import natural_key, select
+from mcollapse.data.text import TEXT_NORMALIZATIONS, normalize_text
 from mcollapse.errors import DataError, UserError
 
 __all__ = [
@@ -85,9 +87,12 @@ def _ensure_generated(name: str, generator_name: str, options: dict, roots: list
     return generated
 
 
-def _fingerprint(parts: list[tuple[str, list[Record]]], marker: dict | None) -> str:
-    """Changes when ids, files (by size) or generator options change; cache keys can use it."""
+def _fingerprint(parts: list[tuple[str, list[Record]]], marker: dict | None, text_normalization: str) -> str:
+    """Changes when ids, files (by size), generator options or the text normalisation change;
+    cache keys can use it. `none` adds nothing, so fingerprints from before the setting still hold."""
     digest = hashlib.sha256(json.dumps(marker, sort_keys=True).encode())
+    if text_normalization != "none":
+        digest.update(f"text_normalization\0{text_normalization}\n".encode())
     for fmt, records in parts:
         for record in records:
             size = record.path.stat().st_size
@@ -110,6 +115,10 @@ def load_records(dataset_cfg) -> tuple[list[Record], dict]:
             raise UserError(
                 f"dataset {name!r}: unknown format {part.format!r}; known: {', '.join(FORMATS)}"
             )
+    text_normalization = str(getattr(dataset_cfg, "text_normalization", "none"))
+    if text_normalization not in TEXT_NORMALIZATIONS:
+        raise UserError(f"dataset {name!r}: text_normalization {text_normalization!r} is not one of "
+                        f"{', '.join(TEXT_NORMALIZATIONS)}")
     roots = [Path(str(part.root)).expanduser() for part in parts]
     generator_name = getattr(dataset_cfg, "generate", None)
     generated = False
@@ -149,6 +158,9 @@ def load_records(dataset_cfg) -> tuple[list[Record], dict]:
     if duplicates:
         raise DataError(f"dataset {name!r}: parts share sample ids, e.g. {min(duplicates)!r}")
     records.sort(key=lambda r: natural_key(r.id))
+    if text_normalization != "none":
+        records = [dataclasses.replace(r, text=normalize_text(r.text, text_normalization)) if r.text else r
+                   for r in records]
     info = {
         "n_records": len(records),
         "skipped": dict(sorted(skipped.items())),
@@ -156,6 +168,6 @@ def load_records(dataset_cfg) -> tuple[list[Record], dict]:
         "parts": per_part,
         "generated": generated,
         "generator": marker,
-        "fingerprint": _fingerprint(loaded, marker),
+        "fingerprint": _fingerprint(loaded, marker, text_normalization),
     }
     return records, info

@@ -1,7 +1,7 @@
 """LibriSpeech in the OpenSLR layout (e.g. test-clean untarred as it ships).
 
-Transcripts are kept exactly as written (LibriSpeech is upper case); the lexical label rule
-lowercases, and text baselines decide their own casing.
+Transcripts are read exactly as written (LibriSpeech is upper case); `load_records` then applies
+`dataset.text_normalization` (sentence case in conf/dataset/librispeech.yaml, see data/text.py).
 """
 
 from __future__ import annotations

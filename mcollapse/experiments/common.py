@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ from mcollapse.config import ModelConfig
 from mcollapse.data import load_records, select
 from mcollapse.data.base import Record
 from mcollapse.errors import UserError
-from mcollapse.extraction.extract import Extraction, count_longer_than, extract_modal, extract_text
+from mcollapse.extraction.cache import Activations
+from mcollapse.extraction.extract import Extraction, extract_modal, extract_text, longer_than
 from mcollapse.models import load_model
 from mcollapse.report.output import RunRecorder
 from mcollapse.runtime import release_memory
@@ -68,8 +70,22 @@ class ExtractedInputs:
     text: Extraction | None
 
 
+def text_on_modal_samples(modal: Extraction, text: Extraction) -> tuple[Extraction, int]:
+    """The text rows of the samples that have a modal row, and how many were dropped.
+
+    A clip whose media could not be read has no modal row but keeps its transcript's text row;
+    modal and text probes (and W1 between the clouds) must compare the same samples."""
+    has_modal = set(modal.activations.ids)
+    acts = text.activations
+    rows = [n for n, sample_id in enumerate(acts.ids) if sample_id in has_modal]
+    kept = Activations([acts.ids[n] for n in rows], {hook: v[rows] for hook, v in acts.vectors.items()},
+                       acts.skipped, acts.key_fields)
+    return dataclasses.replace(text, activations=kept), len(acts.ids) - len(rows)
+
+
 def modal_and_text(cfg, rec: RunRecorder, selection: Selection) -> ExtractedInputs:
-    """Extract (or read from the cache) the modal activations, then the text side if asked."""
+    """Extract (or read from the cache) the modal activations, then the text side if asked,
+    restricted to the samples that have modal rows."""
     from mcollapse.cli import config_dir
 
     cache_dir = Path(cfg.paths.cache_dir)
@@ -96,10 +112,11 @@ def modal_and_text(cfg, rec: RunRecorder, selection: Selection) -> ExtractedInpu
     release_memory()
     rec.counts.update({
         "n_modal": len(modal.activations.ids), "modal_skipped": modal.skipped,
-        "n_audio_cut_to_window": count_longer_than(records, cfg.model.audio_window_s) if cuts_long_audio else 0,
+        "n_audio_cut_to_window": len(longer_than(records, cfg.model.audio_window_s)) if cuts_long_audio else 0,
         "modal_rows_computed": modal.computed,
     })
     if text is not None:
+        text, dropped = text_on_modal_samples(modal, text)
         rec.counts.update({"n_text": len(text.activations.ids), "text_skipped": len(text.skipped),
-                           "text_source": text_source})
+                           "text_rows_without_modal_dropped": dropped, "text_source": text_source})
     return ExtractedInputs(modal, text)

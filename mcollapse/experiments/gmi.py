@@ -122,7 +122,8 @@ def run(cfg, run_dir: Path) -> dict:
         union = np.vstack([pooled_m, pooled_t])
         d_s, d_eff = diameter(union), effective_diameter(union).d_eff
         shared = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold))  # same pass as lipschitz's
-        grads = gradients(inputs, rec, ids[: int(exp.lipschitz_samples)], target, batch, shared)
+        lipschitz_ids = scored_ids(inputs, "content", exp.lipschitz_samples, rec, record=False)  # lipschitz's draw
+        grads = gradients(inputs, rec, lipschitz_ids, target, batch, shared)
         statistic = str(exp.bound_lipschitz)
         lip = float(gradient_norm_stats(grads.norms)[statistic])
         lip_pooled = float(gradient_norm_stats(grads.shift_norms)[statistic])

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +29,12 @@ from mcollapse.analysis.modes import (
     mode_gradient_magnitudes,
     save_basis,
 )
+from mcollapse.data import select
+from mcollapse.data.base import Record
 from mcollapse.errors import UserError
 from mcollapse.experiments.common import Selection
 from mcollapse.extraction.cache import cache_key, cache_lock
+from mcollapse.extraction.extract import longer_than
 from mcollapse.extraction.sequences import Sequences, adapter_sequences
 from mcollapse.models import load_model
 from mcollapse.models.base import ModelFamily
@@ -40,6 +43,9 @@ from mcollapse.progress import progress_bar
 from mcollapse.report.output import RunRecorder
 
 log = logging.getLogger(__name__)
+
+SPEAKER_FIELD = "speaker_id"
+SCORED_IDS_FILE = "scored_ids.txt"  # the scored samples' ids, one a line, in the run dir
 
 
 @dataclass
@@ -52,6 +58,11 @@ class DecoderInputs:
     texts: dict[str, str]
     dataset: dict
     cache_dir: Path
+    records: dict[str, Record] = field(default_factory=dict)  # by id: the fields a scored draw is stratified by
+    seed: int = 0
+    stratify_by: str | None = None  # the dataset's stratification field, used where records have no speaker
+    cut_ids: frozenset[str] = frozenset()  # clips longer than the audio window, which the encoder cut
+    keep_cut_clips: bool = False  # False: target=content does not score a cut clip against its full transcript
 
     def with_text(self, ids: list[str] | None = None) -> list[str]:
         """The ids (default: all usable) that have a transcript/caption to serve as the target y."""
@@ -90,23 +101,65 @@ def decoder_inputs(cfg, rec: RunRecorder, selection: Selection) -> DecoderInputs
     with rec.stage("adapter_sequences"):
         sequences = adapter_sequences(family, selection.records, dataset, cache_dir, bool(cfg.strict))
     texts = {r.id: (r.text or "") for r in selection.records}
+    cut_ids = longer_than(selection.records, cfg.model.audio_window_s) if family.cuts_long_audio else []
     rec.counts.update({"n_usable": len(sequences.ids), "modal_skipped": sequences.skipped,
-                       "sequence_rows_computed": sequences.computed,
+                       "n_audio_cut_to_window": len(cut_ids), "sequence_rows_computed": sequences.computed,
                        "n_with_text": sum(1 for i in sequences.ids if texts[i].strip())})
     if not sequences.ids:
         raise UserError(f"no sample of '{cfg.dataset.name}' could be read")
-    return DecoderInputs(family, Decoder(family), sequences, texts, dataset, cache_dir)
+    return DecoderInputs(family, Decoder(family), sequences, texts, dataset, cache_dir,
+                         records={r.id: r for r in selection.records}, seed=int(cfg.seed),
+                         stratify_by=cfg.dataset.stratify_by, cut_ids=frozenset(cut_ids),
+                         keep_cut_clips=bool(cfg.target.keep_cut_clips))
 
 
-def scored_ids(inputs: DecoderInputs, target: str, n: int | None, rec: RunRecorder) -> list[str]:
-    """The first n usable samples that the target can score (content needs a transcript/caption)."""
+def scored_ids(inputs: DecoderInputs, target: str, n: int | None, rec: RunRecorder, among=None,
+               record: bool = True) -> list[str]:
+    """n usable samples that the target can score (content needs a transcript/caption and, unless
+    target.keep_cut_clips, a clip the audio window did not cut), optionally only those in `among`,
+    drawn by `select`'s seeded rule stratified by speaker where the records have one, else by the
+    dataset's field. Ids sort by speaker in LibriSpeech and CREMA-D, so the first n would be a
+    handful of speakers. The draw depends only on (ids, seed, n), and a smaller n gives a subset of
+    a larger one, so experiments asking for the same n share cached passes.
+
+    With `record`, the chosen ids go to `scored_ids.txt` in the run dir and their digest and
+    speaker count into the summary (`record=False` for a secondary draw, such as gmi's L_log set)."""
     ids = inputs.with_text() if target == "content" else list(inputs.sequences.ids)
-    if target == "content":
+    if target == "content" and record:
         rec.counts["n_without_text_skipped"] = len(inputs.sequences.ids) - len(ids)
     if not ids:
         raise UserError("no sample has a transcript/caption, so target=content has nothing to score "
                         "(target=reference scores the prompt instead)")
-    return ids[: int(n)] if n else ids
+    cut = [i for i in ids if i in inputs.cut_ids] if target == "content" and not inputs.keep_cut_clips else []
+    if record:
+        rec.counts["n_cut_clips_skipped"] = len(cut)
+    if cut:
+        ids = [i for i in ids if i not in inputs.cut_ids]
+        if not ids:
+            raise UserError(f"all {len(cut)} clips with a transcript are longer than the audio window; "
+                            "target.keep_cut_clips=true scores them against their full transcripts anyway")
+    if among is not None:
+        ids = [i for i in ids if i in among]
+    chosen = _draw(inputs, ids, n)
+    if record:
+        speakers = {inputs.records[i].fields.get(SPEAKER_FIELD) for i in chosen} - {None}
+        has_speakers = any(SPEAKER_FIELD in r.fields for r in inputs.records.values())
+        rec.summary_fields.update({"scored_ids_digest": ids_digest(chosen),
+                                   "n_speakers": len(speakers) if has_speakers else None})
+        rec.run_dir.mkdir(parents=True, exist_ok=True)
+        (rec.run_dir / SCORED_IDS_FILE).write_text("".join(f"{i}\n" for i in chosen))
+    return chosen
+
+
+def _draw(inputs: DecoderInputs, ids: list[str], n: int | None) -> list[str]:
+    if n is not None and int(n) < 1:
+        raise UserError(f"the number of samples to score must be positive (null: all), got {n}")
+    if n is None or int(n) >= len(ids):
+        return list(ids)
+    candidates = [inputs.records[i] for i in ids]
+    stratum = next((name for name in (SPEAKER_FIELD, inputs.stratify_by)
+                    if name and any(name in r.fields for r in candidates)), None)
+    return [r.id for r in select(candidates, int(n), stratum, inputs.seed)]
 
 
 def ids_digest(ids: list[str]) -> str:

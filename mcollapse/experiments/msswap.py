@@ -59,7 +59,7 @@ def run(cfg, run_dir: Path) -> dict:
         raise UserError(f"'{exp.group_by}' gives fewer than 2 groups among the usable samples")
     pooled = dict(zip(inputs.sequences.ids, inputs.sequences.pooled()))
     means = {g: np.mean([pooled[i] for i in group_of if group_of[i] == g], axis=0) for g in set(group_of.values())}
-    ids = [i for i in scored_ids(inputs, target.name, None, rec) if i in group_of][: int(exp.n_samples)]
+    ids = scored_ids(inputs, target.name, exp.n_samples, rec, among=group_of)
     rec.counts["n_unlabelled_skipped"] = len(inputs.sequences.ids) - len(group_of)
     partners = draw_partners([group_of[i] for i in ids], int(exp.n_draws), int(cfg.seed))
     seqs = inputs.sequences.subset(ids)

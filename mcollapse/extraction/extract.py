@@ -152,11 +152,11 @@ def audio_seconds(record: Record) -> float:
         return 0.0
 
 
-def count_longer_than(records: list[Record], seconds: float | None) -> int:
-    """Clips the encoder window cuts short, read from file headers (also on a cache hit)."""
+def longer_than(records: list[Record], seconds: float | None) -> list[str]:
+    """Ids of the clips the encoder window cuts short, read from file headers (also on a cache hit)."""
     if not seconds:
-        return 0
-    return sum(audio_seconds(r) > seconds + 1e-6 for r in records)
+        return []
+    return [r.id for r in records if audio_seconds(r) > seconds + 1e-6]
 
 
 def hook_targets(family: ModelFamily, hook_cfg, roles=None) -> list[HookTarget]:
