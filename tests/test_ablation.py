@@ -63,3 +63,15 @@ def test_summary_is_scipys_paired_t_test():
     assert out["t"] == pytest.approx(reference.statistic) and out["p"] == pytest.approx(reference.pvalue)
     assert out["delta_pct"] == pytest.approx(100 * (ablated - base).mean() / base.mean())
     assert out["delta_ci_low"] < out["delta_loss"] < out["delta_ci_high"] and out["n"] == 40
+
+
+def test_each_random_draw_is_reproducible_from_its_seed_label():
+    lam = np.linspace(10.0, 1.0, 12)
+    is_ms = np.array([True, False] * 6)
+    draws = [c for c in conditions(is_ms, lam, n_random=5, seed=7) if c.name == "random"]
+    assert [c.seed for c in draws] == [7, 8, 9, 10, 11]
+    for draw in draws:
+        alone = [c for c in conditions(is_ms, lam, n_random=1, seed=draw.seed) if c.name == "random"]
+        assert alone[0].modes == draw.modes  # draw r alone, from its label seed + r
+        expected = np.random.default_rng(draw.seed).choice(lam.size, size=6, replace=False)
+        assert draw.modes == tuple(sorted(int(i) for i in expected))

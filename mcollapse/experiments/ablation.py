@@ -70,7 +70,8 @@ def run(cfg, run_dir: Path) -> dict:
     order = np.argsort([len(a) for a in seqs.arrays], kind="stable")
     batches = [order[s : s + batch] for s in range(0, len(order), batch)]
     key = cache_key({"kind": "ablation", "sequences": inputs.decoder_key, "ids": ids_digest(ids),
-                     "basis": basis_source, "columns": [name for name, _, _ in columns], "target": target.name,
+                     "basis": basis_source, "target": target.name,
+                     "columns": [(name, list(c.modes) if c else None) for name, _, c in columns],
                      "reduction": target.reduction, "batch": batch, "dtype": str(inputs.family.dtype)})
     table = sharded_pass(rec, inputs.cache_dir / "ablation" / key, batches, "ablation", losses)("losses")
 
