@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from mcollapse.analysis.ablation import conditions, project_out, summarise, variance_share
+from mcollapse.analysis.ablation import conditions, empty_controls, project_out, summarise, variance_share
 
 
 def _orthonormal(d: int, seed: int = 0) -> torch.Tensor:
@@ -75,3 +75,13 @@ def test_each_random_draw_is_reproducible_from_its_seed_label():
         assert alone[0].modes == draw.modes  # draw r alone, from its label seed + r
         expected = np.random.default_rng(draw.seed).choice(lam.size, size=6, replace=False)
         assert draw.modes == tuple(sorted(int(i) for i in expected))
+
+
+def test_empty_controls_are_named():
+    lam = np.array([5.0, 4.0, 3.0, 2.0])
+    assert empty_controls(np.array([True, False, True, False]), n_random=2) == []
+    assert empty_controls(np.ones(4, dtype=bool), n_random=2) == ["ta_matched"]  # every mode MS: no TA control
+    assert empty_controls(np.zeros(4, dtype=bool), n_random=2) == ["ms_all", "ta_matched", "random"]
+    assert empty_controls(np.ones(4, dtype=bool), n_random=0) == ["ta_matched"]  # no draws asked: not empty
+    built = {c.name for c in conditions(np.ones(4, dtype=bool), lam, n_random=2)}
+    assert "ta_matched" not in built and {"ms_all", "random"} <= built

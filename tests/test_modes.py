@@ -249,3 +249,47 @@ def test_per_position_gradients_do_not_cancel(fitted):
     np.testing.assert_allclose(magnitudes[:, 1:], 0.0, atol=1e-12)
     pooled = mode_gradient_magnitudes(grads[:1].mean(axis=1), basis)
     assert pooled[0, 0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_trace_normalised_rho_is_blind_to_a_global_scale(planted):
+    """Text at 1/10 of the planted scale: the paper's rho calls every mode MS, the trace-normalised
+    rho_k * tr(Sigma_M) / tr(Sigma_T) recovers the planted split, and `trace` lets it decide."""
+    basis = eigenbasis(planted.X, n_modes=N_PLANTED)
+    small_text = planted.T * 0.1
+    text_trace = np.var(small_text, axis=0, ddof=1).sum()
+    plain = mode_alignment(basis, small_text)
+    assert plain.n_ms == N_PLANTED and plain.rho_normalization == "none"
+    np.testing.assert_allclose(plain.rho_normalised, plain.rho * basis.total_variance / text_trace, rtol=1e-10)
+    scaled = mode_alignment(basis, small_text, rho_normalization="trace")
+    np.testing.assert_array_equal(scaled.rho, plain.rho)  # the paper's rho is still reported as is
+    np.testing.assert_array_equal(scaled.is_ms, planted.ms)
+    assert scaled.sensitivity[0.5] == planted.ms.sum() and scaled.n_ta == (~planted.ms).sum()
+    summary = scaled.summary()
+    assert summary["rho_normalization"] == "trace"
+    assert summary["trace_ratio"] == pytest.approx(basis.total_variance / text_trace)
+    assert summary["rho_normalised_0"] == pytest.approx(scaled.rho_normalised[0])
+    # Scaling the text changes rho by the square of the scale and the normalised rho not at all.
+    same = mode_alignment(basis, planted.T, rho_normalization="trace")
+    np.testing.assert_allclose(same.rho, plain.rho * 100, rtol=1e-9)
+    np.testing.assert_allclose(same.rho_normalised, scaled.rho_normalised, rtol=1e-9)
+    np.testing.assert_array_equal(same.is_ms, scaled.is_ms)
+    with pytest.raises(ValueError, match="rho_normalization"):
+        mode_alignment(basis, planted.T, rho_normalization="max")
+
+
+def test_normalised_rho_and_its_choice_survive_save_and_load(tmp_path: Path, planted):
+    basis = eigenbasis(planted.X, n_modes=N_PLANTED)
+    alignment = mode_alignment(basis, planted.T * 0.1, rho_normalization="trace")
+    _, loaded, _ = load_basis(save_basis(tmp_path / "b.npz", basis, alignment))
+    assert loaded.rho_normalization == "trace"
+    np.testing.assert_array_equal(loaded.rho_normalised, alignment.rho_normalised)
+    np.testing.assert_array_equal(loaded.is_ms, alignment.is_ms)
+    assert loaded.summary() == alignment.summary()
+
+
+def test_empty_classes_are_named(planted):
+    basis = eigenbasis(planted.X, n_modes=N_PLANTED)
+    assert mode_alignment(basis, planted.T).empty_classes == []
+    assert mode_alignment(basis, planted.T * 0.1).empty_classes == ["TA"]
+    assert mode_alignment(basis, planted.T * 1000).empty_classes == ["MS"]
+

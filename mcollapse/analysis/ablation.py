@@ -68,6 +68,15 @@ def conditions(is_ms: np.ndarray, eigenvalues: np.ndarray, *, n_random: int = 10
     return out
 
 
+def empty_controls(is_ms: np.ndarray, n_random: int) -> list[str]:
+    """Conditions that `conditions` leaves out because their modes do not exist: ta_matched without
+    TA modes; everything without MS modes (random draws of #MS = 0 modes remove nothing)."""
+    is_ms = np.asarray(is_ms, dtype=bool)
+    if not is_ms.any():
+        return ["ms_all", "ta_matched"] + (["random"] if n_random > 0 else [])
+    return [] if (~is_ms).any() else ["ta_matched"]
+
+
 def project_out(z: torch.Tensor, modes: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
     """Remove the span of the rows of `modes` (k, d) from every position of z (..., d).
 
