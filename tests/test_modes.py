@@ -293,3 +293,44 @@ def test_empty_classes_are_named(planted):
     assert mode_alignment(basis, planted.T * 0.1).empty_classes == ["TA"]
     assert mode_alignment(basis, planted.T * 1000).empty_classes == ["MS"]
 
+
+class _PlantedInputs:
+    """The parts of DecoderInputs that the shared basis reads: pooled modal sequences (one position
+    each) and each sample's text embedding, from the planted clouds, text at 1/10 of the scale."""
+
+    def __init__(self, planted, cache_dir: Path, n: int = 400):
+        from types import SimpleNamespace
+
+        from mcollapse.extraction.sequences import Sequences
+
+        ids = [f"s{i}" for i in range(n)]
+        self.sequences = Sequences(ids, [planted.X[i][None] for i in range(n)], "planted")
+        self.texts = {i: "text" for i in ids}
+        self.text_rows = dict(zip(ids, planted.T[:n] * 0.1))
+        self.family = SimpleNamespace(cfg=SimpleNamespace(name="toy", lora=None))
+        self.dataset = {"name": "planted", "fingerprint": "0"}
+        self.cache_dir = cache_dir
+        self.decoder_key = "planted"
+
+    def with_text(self, ids=None):
+        return list(ids or self.sequences.ids)
+
+    def text_sequence(self, sample_id):
+        return self.text_rows[sample_id][None]
+
+
+def test_the_shared_basis_is_keyed_by_its_rho_normalization(tmp_path: Path, planted):
+    from mcollapse.experiments.llm_side import modes
+    from mcollapse.report.output import RunRecorder
+
+    inputs, rec = _PlantedInputs(planted, tmp_path / "cache"), RunRecorder(tmp_path / "run", {})
+    plain = modes(inputs, rec, N_PLANTED, 0.5, rho_normalization="none")
+    scaled = modes(inputs, rec, N_PLANTED, 0.5, rho_normalization="trace")
+    assert plain.key != scaled.key and plain.path != scaled.path
+    assert plain.alignment.empty_classes == ["TA"] and plain.alignment.rho_normalization == "none"
+    np.testing.assert_array_equal(scaled.alignment.is_ms, planted.ms)
+    assert load_basis(scaled.path)[1].rho_normalization == "trace"
+    again = modes(inputs, rec, N_PLANTED, 0.5, rho_normalization="trace")  # read back from the cache
+    assert again.path == scaled.path and again.alignment.summary() == scaled.alignment.summary()
+    with pytest.raises(UserError, match="rho_normalization"):
+        modes(inputs, rec, N_PLANTED, 0.5, rho_normalization="l2")

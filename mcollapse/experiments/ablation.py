@@ -9,12 +9,13 @@ a batch stacked as rows of one forward. Per-sample loss = -log q(y | z, c) with 
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mcollapse.analysis.ablation import VARIANTS, conditions, project_out, summarise, variance_share
+from mcollapse.analysis.ablation import VARIANTS, conditions, empty_controls, project_out, summarise, variance_share
 from mcollapse.errors import UserError
 from mcollapse.experiments.common import recorder, selected_records
 from mcollapse.experiments.llm_side import (
@@ -29,6 +30,8 @@ from mcollapse.extraction.cache import cache_key
 from mcollapse.models.decoder import compose, pad_sequences
 from mcollapse.report.decoder_figures import ablation_figure, print_ablation_table
 
+log = logging.getLogger(__name__)
+
 
 def run(cfg, run_dir: Path) -> dict:
     exp, target = cfg.experiment, cfg.target
@@ -42,8 +45,12 @@ def run(cfg, run_dir: Path) -> dict:
     conds = conditions(alignment.is_ms, basis.eigenvalues, n_random=int(exp.n_random), seed=int(cfg.seed),
                        ms_k=[int(k) for k in exp.ms_k])
     if not conds:
-        raise UserError(f"no MS mode among the {alignment.rho.size} modes (ms_threshold={alignment.ms_threshold}): "
-                        "nothing to ablate")
+        raise UserError(f"no MS mode among the {alignment.rho.size} modes (ms_threshold={alignment.ms_threshold}, "
+                        f"rho_normalization={alignment.rho_normalization}): nothing to ablate")
+    empty = empty_controls(alignment.is_ms, int(exp.n_random))
+    for name in empty:
+        log.warning("ablation: condition %s is empty (%d MS, %d TA modes) and left out of the results",
+                    name, alignment.n_ms, alignment.n_ta)
     columns = [("baseline", None, None)] + [(f"{v}/{c.label}", v, c) for v in exp.variants for c in conds]
     ids = scored_ids(inputs, target.name, exp.n_samples, rec)
     seqs = inputs.sequences.subset(ids)
@@ -83,7 +90,8 @@ def run(cfg, run_dir: Path) -> dict:
             if metric not in ("condition", "variant") and isinstance(value, (int, float))]
     summary = {"target": target.name, "reduction": target.reduction, "n_samples": len(ids),
                "n_modes": int(alignment.rho.size), "n_ms": alignment.n_ms, "n_ta": alignment.n_ta,
-               "ms_threshold": alignment.ms_threshold, "eigenbasis": basis_source,
+               "ms_threshold": alignment.ms_threshold, "rho_normalization": alignment.rho_normalization,
+               "empty_conditions": empty, "eigenbasis": basis_source,
                "mean_loss_baseline": float(table[:, 0].mean()), "conditions": results}
     with rec.stage("report"):
         with (run_dir / "per_sample.csv").open("w", newline="") as handle:

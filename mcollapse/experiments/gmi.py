@@ -106,7 +106,8 @@ def run(cfg, run_dir: Path) -> dict:
         w1_conditional = float(np.linalg.norm(pooled_m - pooled_t, axis=1).mean())
         union = np.vstack([pooled_m, pooled_t])
         d_s, d_eff = diameter(union), effective_diameter(union).d_eff
-        shared = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold))  # same pass as lipschitz's
+        shared = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold),  # same pass as lipschitz's
+                       rho_normalization=str(exp.rho_normalization))
         grads = gradients(inputs, rec, ids[: int(exp.lipschitz_samples)], target, batch, shared)
         stats = gradient_norm_stats(grads.norms)
         lip = float(stats[str(exp.bound_lipschitz)])

@@ -53,7 +53,8 @@ def run(cfg, run_dir: Path) -> dict:
     inputs = decoder_inputs(cfg, rec, selection)
     basis, alignment, basis_source = eigenbasis_for(cfg, inputs, rec)
     if alignment.n_ms == 0 or alignment.n_ta == 0:
-        raise UserError(f"msswap needs MS and TA modes; the basis has {alignment.n_ms} MS and {alignment.n_ta} TA")
+        raise UserError(f"msswap needs MS and TA modes; the basis has {alignment.n_ms} MS and {alignment.n_ta} TA "
+                        f"(ms_threshold={alignment.ms_threshold}, rho_normalization={alignment.rho_normalization})")
     group_of = _groups(cfg, selection, inputs.sequences.ids)
     if len(set(group_of.values())) < 2:
         raise UserError(f"'{exp.group_by}' gives fewer than 2 groups among the usable samples")
@@ -130,7 +131,8 @@ def run(cfg, run_dir: Path) -> dict:
 def _summary(data, alignment, exp, target, n, n_groups, basis_source) -> dict:
     """Per subspace: mean KL, loss change (t-test vs 0), shift size, KL per unit^2; MS vs TA paired."""
     out = {"n_samples": n, "n_groups": n_groups, "n_draws": int(exp.n_draws), "group_by": str(exp.group_by),
-           "n_ms_modes": alignment.n_ms, "n_ta_modes": alignment.n_ta, "target": target.name,
+           "n_ms_modes": alignment.n_ms, "n_ta_modes": alignment.n_ta,
+           "rho_normalization": alignment.rho_normalization, "target": target.name,
            "reduction": target.reduction, "eigenbasis": basis_source, "mean_loss_base": float(data["loss_base"].mean())}
     per_unit = {}
     for s in SUBSPACES:
