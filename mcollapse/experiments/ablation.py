@@ -51,7 +51,7 @@ def run(cfg, run_dir: Path) -> dict:
     for name in empty:
         log.warning("ablation: condition %s is empty (%d MS, %d TA modes) and left out of the results",
                     name, alignment.n_ms, alignment.n_ta)
-    columns = [("baseline", None, None)] + [(f"{v}/{c.label}", v, c) for v in exp.variants for c in conds]
+    columns = condition_columns(exp.variants, conds)
     ids = scored_ids(inputs, target.name, exp.n_samples, rec)
     seqs = inputs.sequences.subset(ids)
     answers = [inputs.answer(i) for i in ids] if target.name == "content" else None
@@ -60,19 +60,14 @@ def run(cfg, run_dir: Path) -> dict:
     batch = batch_size_of(cfg)
     per_forward = int(exp.rows_per_forward or 4 * batch)
 
+    def score(zs, sample_rows):
+        targets = [answers[r] for r in sample_rows] if answers else None
+        rows_batch = compose(inputs.family, [len(z) for z in zs], targets, target.name, target.reduction)
+        with torch.no_grad():
+            return inputs.decoder.scores(rows_batch, pad_sequences(zs)).double().cpu().numpy()
+
     def losses(rows):
-        out = np.empty((len(rows), len(columns)))
-        items = [(n, r, c) for n, r in enumerate(rows) for c in range(len(columns))]  # a sample's rows stay together
-        for start in range(0, len(items), per_forward):
-            part = items[start : start + per_forward]
-            zs = [_ablated(seqs.arrays[r], columns[c], vectors, mean) for _, r, c in part]
-            targets = [answers[r] for _, r, _ in part] if answers else None
-            rows_batch = compose(inputs.family, [len(z) for z in zs], targets, target.name, target.reduction)
-            with torch.no_grad():
-                scores = inputs.decoder.scores(rows_batch, pad_sequences(zs)).double().cpu().numpy()
-            for (n, _, c), score in zip(part, scores):
-                out[n, c] = -score
-        return {"losses": out}
+        return {"losses": condition_losses(seqs.arrays, rows, columns, vectors, mean, score, per_forward)}
 
     order = np.argsort([len(a) for a in seqs.arrays], kind="stable")
     batches = [order[s : s + batch] for s in range(0, len(order), batch)]
@@ -83,7 +78,7 @@ def run(cfg, run_dir: Path) -> dict:
     table = sharded_pass(rec, inputs.cache_dir / "ablation" / key, batches, "ablation", losses)("losses")
 
     with rec.stage("statistics"):
-        results = _summaries(table, columns, conds, exp.variants, basis.eigenvalues)
+        results = condition_summaries(table, columns, conds, exp.variants, basis.eigenvalues)
     rows = [rec.row("adapter_output", "-", int(cfg.seed), metric, value, condition=r["condition"],
                     variant=r["variant"], target=target.name, reduction=target.reduction)
             for r in results for metric, value in r.items()
@@ -106,6 +101,26 @@ def run(cfg, run_dir: Path) -> dict:
     return summary
 
 
+def condition_columns(variants, conds) -> list[tuple]:
+    """(name, variant, condition) per loss column: the baseline, then every variant x condition."""
+    return [("baseline", None, None)] + [(f"{v}/{c.label}", v, c) for v in variants for c in conds]
+
+
+def condition_losses(arrays, rows, columns, vectors: torch.Tensor, mean: torch.Tensor, score,
+                     per_forward: int) -> np.ndarray:
+    """Loss -score(z) of each sample in `rows` (indices into `arrays`) under every column, (len(rows),
+    len(columns)). `score(zs, sample_rows)` gives log q(y | z) for a list of sequences, each paired
+    with its sample; at most `per_forward` of them go to one call, a sample's columns kept together."""
+    out = np.empty((len(rows), len(columns)))
+    items = [(n, r, c) for n, r in enumerate(rows) for c in range(len(columns))]
+    for start in range(0, len(items), per_forward):
+        part = items[start : start + per_forward]
+        zs = [_ablated(arrays[r], columns[c], vectors, mean) for _, r, c in part]
+        for (n, _, c), value in zip(part, score(zs, [r for _, r, _ in part])):
+            out[n, c] = -value
+    return out
+
+
 def _ablated(z: np.ndarray, column, vectors: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     _, variant, cond = column
     z = torch.as_tensor(z, dtype=torch.float32)
@@ -114,7 +129,7 @@ def _ablated(z: np.ndarray, column, vectors: torch.Tensor, mean: torch.Tensor) -
     return project_out(z, vectors[list(cond.modes)], mean if variant == "centred" else None)
 
 
-def _summaries(table, columns, conds, variants, eigenvalues) -> list[dict]:
+def condition_summaries(table, columns, conds, variants, eigenvalues) -> list[dict]:
     """One row per variant x condition; random draws pooled (per-sample mean over seeds) with the
     spread of their per-draw mean change."""
     base = table[:, 0]
