@@ -77,7 +77,7 @@ def _job(cache_dir: Path, work: Path, name: str, barrier) -> None:
     gather = sharded_pass(rec, cache_dir / "pass" / "key", _batches(), "pass",
                           lambda rows: _batch(rows, work / "batches.log"))
     barrier.wait(JOIN_TIMEOUT_S)
-    found = modes(_FakeInputs(cache_dir, work / "texts.log"), rec, N_MODES, 0.5)
+    found = modes(_FakeInputs(cache_dir, work / "texts.log"), rec, N_MODES, 0.5, rho_normalization="none")
     np.savez(work / f"{name}.npz", value=gather("value"), square=gather("square"), vectors=found.basis.vectors,
              rho=found.alignment.rho)
     (work / f"{name}.json").write_text(json.dumps({"counts": rec.counts, "modes_path": str(found.path)}))

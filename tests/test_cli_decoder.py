@@ -46,6 +46,8 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
     assert basis.n_modes == s["n_modes"] and alignment.n_ms == s["n_ms"] and meta["space"] == "adapter_output"
     assert (run / "mode_alignment.png").is_file() and (run / "modes.csv").is_file()
     assert set(s["n_ms_by_threshold"]) >= {"0.1", "0.5", "0.9"}
+    assert s["rho_normalization"] == "none" and s["empty_classes"] == [] and s["trace_ratio"] > 0
+    assert s["rho_normalised_0"] == pytest.approx(s["rho_0"] * s["trace_ratio"])
 
     # the random-weight LLaVA twin has no mode below rho 0.5, so it gets its own threshold
     choice = [f"experiment.basis={run / 'eigenbasis.npz'}"] if s["n_ms"] else ["experiment.ms_threshold=50"]
@@ -58,6 +60,7 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
     assert ms["n_modes_removed"] == results["summary"]["n_ms"] > 0 and ms["n"] == results["summary"]["n_samples"]
     assert results["summary"]["n_ms"] == s["n_ms"] or not s["n_ms"]
     assert conditions[("centred", "random")]["n_draws"] == 3 and 0 <= ms["p"] <= 1
+    assert results["summary"]["empty_conditions"] == []
     assert ms["delta_ci_low"] <= ms["delta_loss"] <= ms["delta_ci_high"]
     header = (abl_run / "per_sample.csv").read_text().splitlines()[0]
     assert header.startswith("sample_id,loss_baseline,loss_centred/ms_all") and (abl_run / "ablation.png").is_file()

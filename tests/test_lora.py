@@ -1,4 +1,4 @@
-"""LoRA on the LLM only: where the trainable parameters are, the saved adapter merged at load time,
+"""LoRA on the LLM only: where the trainable parameters are, the saved adapter applied at load time,
 and training that resumes after an interruption exactly where it stopped."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def _perturb(peft_model, seed=0):
                 p.copy_(0.05 * torch.randn(p.shape, generator=generator))
 
 
-def test_saved_adapter_loads_merged_through_model_lora(cache_dir, tmp_path):
+def test_saved_adapter_loads_through_model_lora(cache_dir, tmp_path):
     samples = audio_samples([1.2, 2.0])
     base = load_model(model_cfg("tiny_qwen2audio"), cache_dir, "cpu")
     base_state = {k: v.clone() for k, v in base.model.state_dict().items()}
@@ -91,10 +91,44 @@ def test_saved_adapter_loads_merged_through_model_lora(cache_dir, tmp_path):
     with torch.no_grad():
         got = tuned.model(**tuned.prepare(samples).inputs).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    changed = {k for k, v in tuned.model.state_dict().items() if not torch.equal(v, base_state[k])}
-    assert changed and all(k.startswith("model.language_model.") and k.split(".")[-2] in
-                           ("q_proj", "k_proj", "v_proj", "o_proj") for k in changed)
+    tuned_state = tuned.model.state_dict()
+    adapted = {k.split(".lora_")[0] for k in tuned_state if ".lora_" in k}
+    assert adapted and all(k.startswith("model.language_model.") and k.split(".")[-1] in
+                           ("q_proj", "k_proj", "v_proj", "o_proj") for k in adapted)
+    for key, value in base_state.items():  # every base weight is there unchanged (unmerged: as base_layer)
+        module, _, leaf = key.rpartition(".")
+        torch.testing.assert_close(tuned_state.get(key, tuned_state.get(f"{module}.base_layer.{leaf}")), value,
+                                   rtol=0, atol=0)
     assert model_identity(tuned)["lora"] and "lora" not in model_identity(base)
+
+
+def test_a_small_update_that_bf16_merging_erases_is_kept(cache_dir, tmp_path):
+    """bf16 weights round W + s B A back to W where the update is below half their ulp; the loaded
+    LoRA model must still compute what the trained, unmerged adapter computes (as task accuracy did)."""
+    samples = audio_samples([1.2])
+    base = load_model(model_cfg("tiny_qwen2audio", dtype="bfloat16"), cache_dir, "cpu")
+    batch = base.prepare(samples)
+    with torch.no_grad():
+        base_logits = base.model(**batch.inputs).logits.clone()
+    peft_model = attach(base.model, _settings())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(2e-6 * torch.randn(p.shape, generator=generator))
+        expected = peft_model(**batch.inputs).logits
+        layers = [m for m in peft_model.modules() if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")]
+        kept = sum(int((m.base_layer.weight + m.get_delta_weight("default").to(torch.bfloat16)
+                        != m.base_layer.weight).sum()) for m in layers)
+    assert kept < 0.05 * sum(m.base_layer.weight.numel() for m in layers)  # a bf16 merge erases > 95% of it
+    assert not torch.equal(expected, base_logits)  # yet the unmerged adapter moves the output
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+
+    tuned = load_model(model_cfg("tiny_qwen2audio", dtype="bfloat16", lora=str(tmp_path / "adapter")), cache_dir,
+                       "cpu")
+    with torch.no_grad():
+        got = tuned.model(**tuned.prepare(samples).inputs).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_an_adapter_reaching_into_the_towers_is_refused(cache_dir, tmp_path):

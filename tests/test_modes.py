@@ -249,3 +249,133 @@ def test_per_position_gradients_do_not_cancel(fitted):
     np.testing.assert_allclose(magnitudes[:, 1:], 0.0, atol=1e-12)
     pooled = mode_gradient_magnitudes(grads[:1].mean(axis=1), basis)
     assert pooled[0, 0] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_trace_normalised_rho_is_blind_to_a_global_scale(planted):
+    """Text at 1/10 of the planted scale: the paper's rho calls every mode MS, the trace-normalised
+    rho_k * tr(Sigma_M) / tr(Sigma_T) recovers the planted split, and `trace` lets it decide."""
+    basis = eigenbasis(planted.X, n_modes=N_PLANTED)
+    small_text = planted.T * 0.1
+    text_trace = np.var(small_text, axis=0, ddof=1).sum()
+    plain = mode_alignment(basis, small_text)
+    assert plain.n_ms == N_PLANTED and plain.rho_normalization == "none"
+    np.testing.assert_allclose(plain.rho_normalised, plain.rho * basis.total_variance / text_trace, rtol=1e-10)
+    scaled = mode_alignment(basis, small_text, rho_normalization="trace")
+    np.testing.assert_array_equal(scaled.rho, plain.rho)  # the paper's rho is still reported as is
+    np.testing.assert_array_equal(scaled.is_ms, planted.ms)
+    assert scaled.sensitivity[0.5] == planted.ms.sum() and scaled.n_ta == (~planted.ms).sum()
+    summary = scaled.summary()
+    assert summary["rho_normalization"] == "trace"
+    assert summary["trace_ratio"] == pytest.approx(basis.total_variance / text_trace)
+    assert summary["rho_normalised_0"] == pytest.approx(scaled.rho_normalised[0])
+    # Scaling the text changes rho by the square of the scale and the normalised rho not at all.
+    same = mode_alignment(basis, planted.T, rho_normalization="trace")
+    np.testing.assert_allclose(same.rho, plain.rho * 100, rtol=1e-9)
+    np.testing.assert_allclose(same.rho_normalised, scaled.rho_normalised, rtol=1e-9)
+    np.testing.assert_array_equal(same.is_ms, scaled.is_ms)
+    with pytest.raises(ValueError, match="rho_normalization"):
+        mode_alignment(basis, planted.T, rho_normalization="max")
+
+
+def test_normalised_rho_and_its_choice_survive_save_and_load(tmp_path: Path, planted):
+    basis = eigenbasis(planted.X, n_modes=N_PLANTED)
+    alignment = mode_alignment(basis, planted.T * 0.1, rho_normalization="trace")
+    _, loaded, _ = load_basis(save_basis(tmp_path / "b.npz", basis, alignment))
+    assert loaded.rho_normalization == "trace"
+    np.testing.assert_array_equal(loaded.rho_normalised, alignment.rho_normalised)
+    np.testing.assert_array_equal(loaded.is_ms, alignment.is_ms)
+    assert loaded.summary() == alignment.summary()
+
+
+def test_empty_classes_are_named(planted):
+    basis = eigenbasis(planted.X, n_modes=N_PLANTED)
+    assert mode_alignment(basis, planted.T).empty_classes == []
+    assert mode_alignment(basis, planted.T * 0.1).empty_classes == ["TA"]
+    assert mode_alignment(basis, planted.T * 1000).empty_classes == ["MS"]
+
+
+class _PlantedInputs:
+    """The parts of DecoderInputs that the shared basis reads: pooled modal sequences (one position
+    each) and each sample's text embedding, from the planted clouds, text at 1/10 of the scale."""
+
+    def __init__(self, planted, cache_dir: Path, n: int = 400):
+        from types import SimpleNamespace
+
+        from mcollapse.extraction.sequences import Sequences
+
+        ids = [f"s{i}" for i in range(n)]
+        self.sequences = Sequences(ids, [planted.X[i][None] for i in range(n)], "planted")
+        self.texts = {i: "text" for i in ids}
+        self.text_rows = dict(zip(ids, planted.T[:n] * 0.1))
+        self.family = SimpleNamespace(cfg=SimpleNamespace(name="toy", lora=None))
+        self.dataset = {"name": "planted", "fingerprint": "0"}
+        self.cache_dir = cache_dir
+        self.decoder_key = "planted"
+
+    def with_text(self, ids=None):
+        return list(ids or self.sequences.ids)
+
+    def text_sequence(self, sample_id):
+        return self.text_rows[sample_id][None]
+
+
+def test_the_shared_basis_is_keyed_by_its_rho_normalization(tmp_path: Path, planted):
+    from mcollapse.experiments.llm_side import modes
+    from mcollapse.report.output import RunRecorder
+
+    inputs, rec = _PlantedInputs(planted, tmp_path / "cache"), RunRecorder(tmp_path / "run", {})
+    plain = modes(inputs, rec, N_PLANTED, 0.5, rho_normalization="none")
+    scaled = modes(inputs, rec, N_PLANTED, 0.5, rho_normalization="trace")
+    assert plain.key != scaled.key and plain.path != scaled.path
+    assert plain.alignment.empty_classes == ["TA"] and plain.alignment.rho_normalization == "none"
+    np.testing.assert_array_equal(scaled.alignment.is_ms, planted.ms)
+    assert load_basis(scaled.path)[1].rho_normalization == "trace"
+    again = modes(inputs, rec, N_PLANTED, 0.5, rho_normalization="trace")  # read back from the cache
+    assert again.path == scaled.path and again.alignment.summary() == scaled.alignment.summary()
+    with pytest.raises(UserError, match="rho_normalization"):
+        modes(inputs, rec, N_PLANTED, 0.5, rho_normalization="l2")
+
+
+def test_gradient_pass_recovers_a_planted_gradient_field_along_the_modes(tmp_path: Path, fitted):
+    """gradproj's wiring (gradient pass, mode projections, isotropy) on a toy decoder with
+    log q = 1/2 sum_t z_t^T M z_t, M = sum_k c_k u_k u_k^T: the gradient at position t is M z_t, so its
+    magnitude along mode k is |c_k| ||Z u_k|| (per position) and |c_k| |<u_k, mean_t z_t>| (the
+    reference's mean gradient); with c = 3 on TA modes and 1 on MS modes, g_TA / g_MS follows."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mcollapse.experiments.llm_side import DecoderInputs, Modes, gradients
+    from mcollapse.extraction.sequences import Sequences
+    from mcollapse.report.output import RunRecorder
+
+    basis, alignment = fitted
+    c = np.where(alignment.is_ms, 1.0, 3.0)
+    field = torch.as_tensor((basis.vectors.T * c) @ basis.vectors, dtype=torch.float32)
+
+    class ToyDecoder:
+        def scores(self, batch, z):
+            masked = z * batch.z_mask[..., None]
+            return 0.5 * torch.einsum("btd,de,bte->b", masked, field, masked)
+
+    rng = np.random.default_rng(6)
+    ids = [f"s{i}" for i in range(5)]
+    arrays = [rng.normal(size=(T, basis.dim)).astype(np.float32) for T in (4, 2, 6, 3, 5)]
+    family = SimpleNamespace(cfg=SimpleNamespace(name="toy", lora=None), dtype=torch.float32, placeholder_id=7,
+                             pad_token_id=0, prompt_token_parts=lambda: ([1, 2], [3]))
+    inputs = DecoderInputs(family, ToyDecoder(), Sequences(ids, arrays, "toy"), {}, {"name": "toy"},
+                           tmp_path / "cache")
+    mode_set = Modes(basis, alignment, tmp_path / "basis.npz", "planted", [])
+    target = SimpleNamespace(name="reference", reduction="sum")
+    grads = gradients(inputs, RunRecorder(tmp_path / "run", {}), ids, target, 2, mode_set)
+
+    along = [a.astype(np.float64) @ basis.vectors.T for a in arrays]  # (T, k) per sample
+    expected = np.stack([c * np.sqrt((x**2).sum(axis=0)) for x in along])
+    np.testing.assert_allclose(grads.mode_magnitudes, expected, rtol=1e-4)
+    np.testing.assert_allclose(grads.mean_grad_magnitudes, np.stack([c * np.abs(x.mean(axis=0)) for x in along]),
+                               rtol=1e-3, atol=1e-5)
+    iso = gradient_isotropy(grads.mode_magnitudes, alignment)
+    g_k = expected.mean(axis=0)
+    assert iso.g_ta == pytest.approx(g_k[~alignment.is_ms].mean(), rel=1e-4)
+    assert iso.g_ms == pytest.approx(g_k[alignment.is_ms].mean(), rel=1e-4)
+    np.testing.assert_allclose(grads.norms, [np.linalg.norm(x * c) for x in along], rtol=1e-4)

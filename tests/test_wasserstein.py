@@ -238,3 +238,18 @@ def test_bad_inputs_fail_clearly():
         w1_between(rng.normal(size=(10, 3)), rng.normal(size=(3, 3)), n_bootstrap=0)
     with pytest.raises(ValueError, match="masses"):
         exact_w1(rng.normal(size=5), rng.normal(size=5), weights_x=-np.ones(5))
+
+
+def test_zero_bootstrap_reports_without_intervals(tmp_path, capsys):
+    """n_bootstrap=0 means no bootstrap: the figure and the table say so instead of failing."""
+    from mcollapse.experiments.wasserstein import _figure, _print_table
+
+    rng = np.random.default_rng(14)
+    a, b = rng.normal(size=(30, 5)) + 1.0, rng.normal(size=(30, 5))
+    result = w1_between(a, b, dims=4, n_bootstrap=0)
+    _figure(a, b, result, "llm_layer_16", tmp_path / "clouds.png", "toy")
+    assert (tmp_path / "clouds.png").is_file()
+    _print_table(result, "toy")
+    shown = capsys.readouterr().out
+    assert "no bootstrap" in shown and f"{result.w1:.3f}" in shown
+    assert all(value is None for name, value in result.metrics().items() if "_ci_" in name)

@@ -45,7 +45,8 @@ def conditions(is_ms: np.ndarray, eigenvalues: np.ndarray, *, n_random: int = 10
     """The ablation conditions over modes sorted by decreasing eigenvalue.
 
     ta_matched takes min(#MS, #TA) TA modes of largest variance; random draws #MS modes uniformly
-    without replacement from all modes, once per seed (seed, seed+1, ...)."""
+    without replacement from all modes, draw r from its own generator seeded seed + r, so the draw
+    labelled random_seed{seed + r} is reproduced by that seed alone."""
     is_ms = np.asarray(is_ms, dtype=bool)
     lam = np.asarray(eigenvalues, dtype=np.float64)
     if is_ms.shape != lam.shape:
@@ -58,14 +59,22 @@ def conditions(is_ms: np.ndarray, eigenvalues: np.ndarray, *, n_random: int = 10
         out.append(Condition("ms_all", tuple(sorted(ms))))
         if ta:
             out.append(Condition("ta_matched", tuple(sorted(ta[: min(len(ms), len(ta))]))))
-        rng = np.random.default_rng(seed)
         for r in range(n_random):
-            drawn = rng.choice(lam.size, size=len(ms), replace=False)
+            drawn = np.random.default_rng(seed + r).choice(lam.size, size=len(ms), replace=False)
             out.append(Condition("random", tuple(sorted(int(i) for i in drawn)), seed=seed + r))
         for k in ms_k:
             if 0 < int(k) <= len(ms):
                 out.append(Condition("ms_k", tuple(sorted(ms[: int(k)])), k=int(k)))
     return out
+
+
+def empty_controls(is_ms: np.ndarray, n_random: int) -> list[str]:
+    """Conditions that `conditions` leaves out because their modes do not exist: ta_matched without
+    TA modes; everything without MS modes (random draws of #MS = 0 modes remove nothing)."""
+    is_ms = np.asarray(is_ms, dtype=bool)
+    if not is_ms.any():
+        return ["ms_all", "ta_matched"] + (["random"] if n_random > 0 else [])
+    return [] if (~is_ms).any() else ["ta_matched"]
 
 
 def project_out(z: torch.Tensor, modes: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:

@@ -10,6 +10,15 @@ of text representations taken in the same space, around the text mean. rho_k ~ 1
 seen this kind of variation during training (text-aligned, TA); rho_k ~ 0: it has not
 (modality-specific, MS, rho_k < ms_threshold, the paper's strict ``<``).
 
+rho is blind to scale: when the adapter outputs are larger than the token embeddings (or pooled over
+fewer positions, so they vary more), every rho_k shrinks by the same factor and every mode comes out
+MS. Beside it we report the scale-normalised
+
+    rho~_k = rho_k * tr(Sigma_M) / tr(Sigma_T),
+
+which is 1 along every mode when text is a scaled copy of the modal cloud. ``rho_normalization``
+says which of the two decides MS vs TA: ``none`` (rho, the paper's definition) or ``trace`` (rho~).
+
 The basis comes from a thin SVD of the centred data, never from a d x d covariance when there are
 fewer samples than dimensions: Sigma_M then has a null space whose eigenvalues are rounding noise
 and whose rho values explode, so only modes inside the numerical rank are returned. u_k^T Sigma_T u_k
@@ -36,8 +45,9 @@ from mcollapse.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "mcollapse.eigenbasis/1"
+FORMAT = "mcollapse.eigenbasis/2"
 DEFAULT_THRESHOLDS = (0.1, 0.25, 0.5, 0.75, 0.9)
+RHO_NORMALIZATIONS = ("none", "trace")
 
 
 def _float_matrix(values, name: str) -> np.ndarray:
@@ -144,13 +154,17 @@ class ModeAlignment:
     over the top 100); ms_share_of_total is the MS fraction of all modal variance. sensitivity and
     sensitivity_variance_share give the MS count and share at each threshold in ``thresholds``
     (which always includes ms_threshold), the check behind the claim that the split does not hinge
-    on 0.5.
+    on 0.5. rho is the paper's rho, rho_normalised the trace-normalised one; rho_normalization
+    names the one that the split and the sensitivity are taken on (`deciding_rho`).
     """
 
     rho: np.ndarray
+    rho_normalised: np.ndarray
+    rho_normalization: str
     text_variance: np.ndarray
     modal_variance: np.ndarray
     total_modal_variance: float
+    total_text_variance: float
     ms_threshold: float
     thresholds: tuple[float, ...]
     n_text: int
@@ -169,14 +183,33 @@ class ModeAlignment:
         """'MS' or 'TA' per mode."""
         return np.where(self.is_ms, "MS", "TA")
 
-    def summary(self) -> dict[str, float]:
+    @property
+    def deciding_rho(self) -> np.ndarray:
+        """The rho compared with the thresholds: rho itself or the trace-normalised one."""
+        return self.rho_normalised if self.rho_normalization == "trace" else self.rho
+
+    @property
+    def trace_ratio(self) -> float:
+        """tr(Sigma_M) / tr(Sigma_T): the factor between the two rho."""
+        return self.total_modal_variance / self.total_text_variance
+
+    @property
+    def empty_classes(self) -> list[str]:
+        """'MS' and/or 'TA' when no mode falls in that class (their controls are then empty)."""
+        return [name for name, count in (("MS", self.n_ms), ("TA", self.n_ta)) if count == 0]
+
+    def summary(self) -> dict[str, float | str]:
         """Flat metric -> value mapping for long-format result rows."""
-        row: dict[str, float] = {
+        row: dict[str, float | str] = {
             "n_modes": int(self.rho.size),
             "n_text": self.n_text,
             "ms_threshold": self.ms_threshold,
+            "rho_normalization": self.rho_normalization,
             "rho_0": self.rho_0,
             "mean_rho_top10": self.mean_rho_top10,
+            "rho_normalised_0": float(self.rho_normalised[0]),
+            "mean_rho_normalised_top10": float(self.rho_normalised[:10].mean()),
+            "trace_ratio": self.trace_ratio,
             "n_ms": self.n_ms,
             "n_ta": self.n_ta,
             "ms_variance_share": self.ms_variance_share,
@@ -189,29 +222,45 @@ class ModeAlignment:
         return row
 
 
+def _check_normalization(rho_normalization: str) -> str:
+    if rho_normalization not in RHO_NORMALIZATIONS:
+        raise ValueError(f"rho_normalization must be one of {', '.join(RHO_NORMALIZATIONS)}, "
+                         f"got {rho_normalization!r}")
+    return rho_normalization
+
+
 def _alignment(
     text_variance: np.ndarray,
+    total_text_variance: float,
     basis: Eigenbasis,
     n_text: int,
     ms_threshold: float,
     thresholds: Sequence[float],
+    rho_normalization: str,
 ) -> ModeAlignment:
     """Every derived quantity from the text variances along the modes (shared by compute and load)."""
     modal = basis.eigenvalues
     rho = text_variance / modal
+    if not total_text_variance > 0:
+        raise ValueError("text data has no variance; rho cannot be normalised by its trace")
+    rho_normalised = rho * (basis.total_variance / total_text_variance)
+    deciding = rho_normalised if _check_normalization(rho_normalization) == "trace" else rho
     levels = tuple(sorted({float(t) for t in thresholds} | {float(ms_threshold)}))
     top = float(modal.sum())
 
     def split(threshold: float) -> tuple[np.ndarray, int, float]:
-        mask = rho < threshold
+        mask = deciding < threshold
         return mask, int(mask.sum()), float(modal[mask].sum() / top)
 
     is_ms, n_ms, share = split(ms_threshold)
     return ModeAlignment(
         rho=rho,
+        rho_normalised=rho_normalised,
+        rho_normalization=rho_normalization,
         text_variance=text_variance,
         modal_variance=modal,
         total_modal_variance=basis.total_variance,
+        total_text_variance=float(total_text_variance),
         ms_threshold=float(ms_threshold),
         thresholds=levels,
         n_text=int(n_text),
@@ -232,21 +281,28 @@ def mode_alignment(
     text,
     ms_threshold: float = 0.5,
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    rho_normalization: str = "none",
 ) -> ModeAlignment:
-    """rho_k = var(text projected on u_k) / lambda_k for text (m, d) in the same space as the modes.
+    """rho_k = var(text projected on u_k) / lambda_k for text (m, d) in the same space as the modes,
+    and its trace-normalised companion; ``rho_normalization`` picks the one that splits MS / TA.
 
     The text variance is taken around the text mean (ddof=1): a constant offset between the
     clouds is a W1 matter, not a difference in the variation the decoder has seen.
     """
+    _check_normalization(rho_normalization)
     rows = _float_matrix(text, "text data")
     if rows.shape[1] != basis.dim:
         raise ValueError(
             f"text has {rows.shape[1]} features but the modes live in {basis.dim}; "
             "rho needs text and modal representations from the same space"
         )
-    projections = (rows - rows.mean(axis=0)) @ basis.vectors.T
-    text_variance = np.einsum("ik,ik->k", projections, projections) / (rows.shape[0] - 1)
-    return _alignment(text_variance, basis, rows.shape[0], ms_threshold, thresholds)
+    centred = rows - rows.mean(axis=0)
+    projections = centred @ basis.vectors.T
+    scale = 1.0 / (rows.shape[0] - 1)
+    text_variance = np.einsum("ik,ik->k", projections, projections) * scale
+    total_text_variance = float(np.einsum("ij,ij->", centred, centred) * scale)
+    return _alignment(text_variance, total_text_variance, basis, rows.shape[0], ms_threshold, thresholds,
+                      rho_normalization)
 
 
 def save_basis(path, basis: Eigenbasis, alignment: ModeAlignment | None = None, meta: dict | None = None) -> Path:
@@ -271,7 +327,10 @@ def save_basis(path, basis: Eigenbasis, alignment: ModeAlignment | None = None, 
             raise ValueError(f"alignment has {alignment.rho.size} modes, basis has {basis.n_modes}")
         arrays.update(
             text_variance=alignment.text_variance,
+            total_text_variance=np.array(alignment.total_text_variance),
+            rho_normalization=np.array(alignment.rho_normalization),
             rho=alignment.rho,
+            rho_normalised=alignment.rho_normalised,
             is_ms=alignment.is_ms,
             labels=alignment.labels,
             ms_threshold=np.array(alignment.ms_threshold),
@@ -316,10 +375,12 @@ def load_basis(path) -> tuple[Eigenbasis, ModeAlignment | None, dict]:
     if "rho" in stored:
         alignment = _alignment(
             stored["text_variance"],
+            float(stored["total_text_variance"]),
             basis,
             int(stored["n_text"]),
             float(stored["ms_threshold"]),
             tuple(float(t) for t in stored["thresholds"]),
+            str(stored["rho_normalization"]),
         )
     return basis, alignment, json.loads(str(stored["meta_json"]))
 

@@ -121,7 +121,8 @@ def run(cfg, run_dir: Path) -> dict:
         w1_conditional = conditional_w1_to_points(pooled_m, pooled_t)
         union = np.vstack([pooled_m, pooled_t])
         d_s, d_eff = diameter(union), effective_diameter(union).d_eff
-        shared = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold))  # same pass as lipschitz's
+        shared = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold),  # same pass as lipschitz's
+                       rho_normalization=str(exp.rho_normalization))
         lipschitz_ids = scored_ids(inputs, "content", exp.lipschitz_samples, rec, record=False)  # lipschitz's draw
         grads = gradients(inputs, rec, lipschitz_ids, target, batch, shared)
         statistic = str(exp.bound_lipschitz)

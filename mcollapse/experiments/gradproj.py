@@ -28,7 +28,8 @@ def run(cfg, run_dir: Path) -> dict:
     rec = recorder(cfg, run_dir)
     selection = selected_records(cfg, rec)
     inputs = decoder_inputs(cfg, rec, selection)
-    mode_set = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold))
+    mode_set = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold),
+                     rho_normalization=str(exp.rho_normalization))
     if mode_set.alignment.n_ms == 0 or mode_set.alignment.n_ta == 0:
         log.warning("all %d modes are %s: g_TA / g_MS is undefined", mode_set.alignment.rho.size,
                     "TA" if mode_set.alignment.n_ms == 0 else "MS")
@@ -41,7 +42,9 @@ def run(cfg, run_dir: Path) -> dict:
         ref = gradient_isotropy(grads.mean_grad_magnitudes, mode_set.alignment, str(exp.statistic))
     summary = {**iso.summary(), "statistic": iso.statistic, "target": target.name, "reduction": target.reduction,
                "reference_g_ta_over_g_ms": ref.ratio, "reference_spearman_r": ref.spearman_r,
-               "reference_spearman_p": ref.spearman_p, "eigenbasis": str(mode_set.path)}
+               "reference_spearman_p": ref.spearman_p, "eigenbasis": str(mode_set.path),
+               "rho_normalization": mode_set.alignment.rho_normalization,
+               "empty_classes": mode_set.alignment.empty_classes}
     rows = [rec.row("adapter_output", "-", int(cfg.seed), name, summary[name], target=target.name)
             for name in SHOWN]
     with rec.stage("report"):

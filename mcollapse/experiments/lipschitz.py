@@ -76,7 +76,8 @@ def run(cfg, run_dir: Path) -> dict:
     ids = scored_ids(inputs, target.name, exp.n_samples, rec)
     mode_set = None
     if len(inputs.with_text()) >= 3:
-        mode_set = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold))
+        mode_set = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold),
+                         rho_normalization=str(exp.rho_normalization))
     else:
         log.info("fewer than 3 texts: gradient projections on the modes are not stored")
     grads = gradients(inputs, rec, ids, target, batch_size_of(cfg), mode_set)

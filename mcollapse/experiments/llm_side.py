@@ -21,6 +21,7 @@ import torch
 
 from mcollapse.analysis.lipschitz import per_sample_gradient_norms, shared_shift_gradient_norms
 from mcollapse.analysis.modes import (
+    RHO_NORMALIZATIONS,
     Eigenbasis,
     ModeAlignment,
     eigenbasis,
@@ -180,9 +181,15 @@ class Modes:
 
 
 def modes(inputs: DecoderInputs, rec: RunRecorder, n_modes: int, ms_threshold: float,
-          thresholds=(0.1, 0.25, 0.5, 0.75, 0.9)) -> Modes:
+          thresholds=(0.1, 0.25, 0.5, 0.75, 0.9), *, rho_normalization: str) -> Modes:
     """Modes of the modal pooled adapter outputs; rho against the pooled token embeddings of the
-    same samples' texts (the LLM's input-embedding space, where the adapter output lives)."""
+    same samples' texts (the LLM's input-embedding space, where the adapter output lives).
+
+    Every experiment that acts on the modes passes its experiment.n_modes, ms_threshold and
+    rho_normalization here, so they share one cached basis exactly when these agree."""
+    if rho_normalization not in RHO_NORMALIZATIONS:
+        raise UserError(f"experiment.rho_normalization must be one of {', '.join(RHO_NORMALIZATIONS)}, "
+                        f"got {rho_normalization!r}")
     seqs = inputs.sequences
     text_ids = inputs.with_text()
     if len(text_ids) < 3:
@@ -190,7 +197,7 @@ def modes(inputs: DecoderInputs, rec: RunRecorder, n_modes: int, ms_threshold: f
     key = cache_key({"kind": "modes", "sequences": inputs.decoder_key, "ids": ids_digest(seqs.ids),
                      "text_ids": ids_digest(text_ids),
                      "n_modes": int(n_modes), "ms_threshold": float(ms_threshold),
-                     "thresholds": [float(t) for t in thresholds]})
+                     "thresholds": [float(t) for t in thresholds], "rho_normalization": rho_normalization})
     path = inputs.cache_dir / "modes" / f"{key}.npz"
     basis = alignment = None
     with rec.stage("modes"):
@@ -199,13 +206,17 @@ def modes(inputs: DecoderInputs, rec: RunRecorder, n_modes: int, ms_threshold: f
                 if not path.is_file():  # else another job saved it while this one waited
                     basis = eigenbasis(seqs.pooled(), n_modes=int(n_modes))
                     text = np.stack([inputs.text_sequence(i).astype(np.float64).mean(axis=0) for i in text_ids])
-                    alignment = mode_alignment(basis, text, ms_threshold=float(ms_threshold), thresholds=thresholds)
+                    alignment = mode_alignment(basis, text, ms_threshold=float(ms_threshold), thresholds=thresholds,
+                                               rho_normalization=rho_normalization)
                     meta = {"model": inputs.family.cfg.name, "dataset": inputs.dataset, "space": "adapter_output",
                             "text": "token embeddings of the transcript/caption, pooled", "n_modal": len(seqs.ids),
                             "n_text": len(text_ids), "sequences_key": seqs.key}
                     save_basis(path, basis, alignment, meta)
         if basis is None:
             basis, alignment, _ = load_basis(path)
+    for name in alignment.empty_classes:
+        log.warning("no mode is %s (rho_normalization=%s, ms_threshold=%g): controls built on %s modes are empty",
+                    name, rho_normalization, ms_threshold, name)
     return Modes(basis, alignment, path, key, text_ids)
 
 
@@ -222,8 +233,12 @@ def eigenbasis_for(cfg, inputs: DecoderInputs, rec: RunRecorder):
                             f"{inputs.sequences.arrays[0].shape[1]}")
         if meta.get("sequences_key") not in (None, inputs.sequences.key):
             log.warning("eigenbasis %s was fitted on other adapter outputs (%s)", exp.basis, meta.get("model"))
+        if alignment.rho_normalization != str(exp.rho_normalization):
+            log.warning("eigenbasis %s splits MS/TA with rho_normalization=%s, not the configured %s; its labels "
+                        "are used", exp.basis, alignment.rho_normalization, exp.rho_normalization)
         return basis, alignment, str(exp.basis)
-    found = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold))
+    found = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold),
+                  rho_normalization=str(exp.rho_normalization))
     return found.basis, found.alignment, str(found.path)
 
 

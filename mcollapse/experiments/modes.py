@@ -16,8 +16,8 @@ from mcollapse.experiments.common import recorder, selected_records
 from mcollapse.experiments.llm_side import decoder_inputs, modes
 from mcollapse.report.decoder_figures import mode_alignment_figure, print_metrics
 
-SHOWN = ["n_modes", "n_ms", "n_ta", "rho_0", "mean_rho_top10", "ms_variance_share", "ms_share_of_total",
-         "top_modes_share_of_total"]
+SHOWN = ["n_modes", "n_ms", "n_ta", "rho_0", "mean_rho_top10", "rho_normalised_0", "mean_rho_normalised_top10",
+         "trace_ratio", "ms_variance_share", "ms_share_of_total", "top_modes_share_of_total"]
 
 
 def run(cfg, run_dir: Path) -> dict:
@@ -25,11 +25,16 @@ def run(cfg, run_dir: Path) -> dict:
     rec = recorder(cfg, run_dir)
     selection = selected_records(cfg, rec)
     inputs = decoder_inputs(cfg, rec, selection)
-    found = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold), tuple(float(t) for t in exp.thresholds))
+    found = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold), tuple(float(t) for t in exp.thresholds),
+                  rho_normalization=str(exp.rho_normalization))
     basis, alignment = found.basis, found.alignment
     summary = {
         "n_modes": int(alignment.rho.size), "n_ms": alignment.n_ms, "n_ta": alignment.n_ta,
         "rho_0": alignment.rho_0, "mean_rho_top10": alignment.mean_rho_top10,
+        "rho_normalised_0": float(alignment.rho_normalised[0]),
+        "mean_rho_normalised_top10": float(alignment.rho_normalised[:10].mean()),
+        "trace_ratio": alignment.trace_ratio, "rho_normalization": alignment.rho_normalization,
+        "empty_classes": alignment.empty_classes,
         "ms_variance_share": alignment.ms_variance_share, "ms_share_of_total": alignment.ms_share_of_total,
         "top_modes_share_of_total": float(basis.eigenvalues.sum() / basis.total_variance),
         "ms_threshold": alignment.ms_threshold, "n_modal": basis.n_samples, "n_text": alignment.n_text,
@@ -43,19 +48,22 @@ def run(cfg, run_dir: Path) -> dict:
     rows = [rec.row("adapter_output", "-", int(cfg.seed), name, summary[name]) for name in SHOWN]
     rows += [rec.row("adapter_output", "-", int(cfg.seed), "n_ms", n, threshold=t)
              for t, n in alignment.sensitivity.items()]
-    per_mode = {"rho": alignment.rho.tolist(), "eigenvalue": basis.eigenvalues.tolist(),
+    per_mode = {"rho": alignment.rho.tolist(), "rho_normalised": alignment.rho_normalised.tolist(),
+                "eigenvalue": basis.eigenvalues.tolist(),
                 "explained_variance_ratio": basis.explained_variance_ratio.tolist(),
                 "label": alignment.labels.tolist()}
     with rec.stage("report"):
-        mode_alignment_figure(alignment.rho, basis.eigenvalues, alignment.is_ms, alignment.ms_threshold,
+        mode_alignment_figure(alignment.deciding_rho, basis.eigenvalues, alignment.is_ms, alignment.ms_threshold,
                               basis.explained_variance_ratio, run_dir / "mode_alignment.png",
-                              f"{cfg.model.name} x {cfg.dataset.name}: mode alignment at the adapter output")
+                              f"{cfg.model.name} x {cfg.dataset.name}: mode alignment at the adapter output",
+                              normalised=alignment.rho_normalization == "trace")
         with (run_dir / "modes.csv").open("w") as handle:
-            handle.write("mode,eigenvalue,explained_variance_ratio,rho,label\n")
+            handle.write("mode,eigenvalue,explained_variance_ratio,rho,rho_normalised,label\n")
             for k in range(alignment.rho.size):
                 handle.write(f"{k},{basis.eigenvalues[k]:.8g},{basis.explained_variance_ratio[k]:.8g},"
-                             f"{alignment.rho[k]:.8g},{alignment.labels[k]}\n")
+                             f"{alignment.rho[k]:.8g},{alignment.rho_normalised[k]:.8g},{alignment.labels[k]}\n")
     rec.write(rows, summary, {"modes": per_mode})
     print_metrics(f"mode alignment: {cfg.model.name} x {cfg.dataset.name}", summary, SHOWN)
-    print_metrics("#MS modes by threshold", {f"rho < {t:g}": n for t, n in alignment.sensitivity.items()})
+    deciding = "rho_normalised" if alignment.rho_normalization == "trace" else "rho"
+    print_metrics("#MS modes by threshold", {f"{deciding} < {t:g}": n for t, n in alignment.sensitivity.items()})
     return summary

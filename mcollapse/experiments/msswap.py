@@ -53,7 +53,8 @@ def run(cfg, run_dir: Path) -> dict:
     inputs = decoder_inputs(cfg, rec, selection)
     basis, alignment, basis_source = eigenbasis_for(cfg, inputs, rec)
     if alignment.n_ms == 0 or alignment.n_ta == 0:
-        raise UserError(f"msswap needs MS and TA modes; the basis has {alignment.n_ms} MS and {alignment.n_ta} TA")
+        raise UserError(f"msswap needs MS and TA modes; the basis has {alignment.n_ms} MS and {alignment.n_ta} TA "
+                        f"(ms_threshold={alignment.ms_threshold}, rho_normalization={alignment.rho_normalization})")
     group_of = _groups(cfg, selection, inputs.sequences.ids)
     if len(set(group_of.values())) < 2:
         raise UserError(f"'{exp.group_by}' gives fewer than 2 groups among the usable samples")
@@ -69,34 +70,15 @@ def run(cfg, run_dir: Path) -> dict:
     group_mean = {g: torch.as_tensor(m, dtype=torch.float32) for g, m in means.items()}
     n_draws = int(exp.n_draws)
 
+    def scored(variants, r):
+        batch = compose(inputs.family, [len(z) for z in variants], [answers[r]] * len(variants) if answers else None,
+                        target.name, target.reduction)
+        with torch.no_grad():
+            log_p, row_of = inputs.decoder.scored_log_probs(batch, pad_sequences(variants))
+        return log_p, row_of, batch.targets[batch.targets != IGNORE].to(log_p.device)
+
     def measure(rows):
-        out = {f"{k}_{s}": np.empty((len(rows), n_draws)) for k in ("kl", "dce", "shift") for s in SUBSPACES}
-        out["loss_base"] = np.empty(len(rows))
-        for n, r in enumerate(rows):
-            z = torch.as_tensor(seqs.arrays[r], dtype=torch.float32)
-            variants, shifts = [z], []
-            for subspace in SUBSPACES:
-                for partner in partners[r]:
-                    shift = swap_shift(z, modes[subspace], group_mean[partner])
-                    variants.append(z + shift)
-                    shifts.append(float(shift.norm()))
-            batch = compose(inputs.family, [len(z)] * len(variants), [answers[r]] * len(variants) if answers else None,
-                            target.name, target.reduction)
-            with torch.no_grad():
-                log_p, row_of = inputs.decoder.scored_log_probs(batch, pad_sequences(variants))
-            targets = batch.targets[batch.targets != IGNORE].to(log_p.device)
-            token = log_p.gather(1, targets[:, None])[:, 0]
-            per_row = [token[row_of == v] for v in range(len(variants))]
-            reduce = (lambda x: -x.sum()) if target.reduction == "sum" else (lambda x: -x.mean())
-            base_loss = float(reduce(per_row[0]))
-            base = log_p[row_of == 0]
-            out["loss_base"][n] = base_loss
-            for v in range(1, len(variants)):
-                subspace, draw = SUBSPACES[(v - 1) // n_draws], (v - 1) % n_draws
-                out[f"kl_{subspace}"][n, draw] = float(kl_per_position(base, log_p[row_of == v]).mean())
-                out[f"dce_{subspace}"][n, draw] = float(reduce(per_row[v])) - base_loss
-                out[f"shift_{subspace}"][n, draw] = shifts[v - 1]
-        return out
+        return swap_measures(seqs.arrays, rows, partners, modes, group_mean, scored, target.reduction)
 
     batch = batch_size_of(cfg)
     batches = [np.arange(s, min(s + batch, len(ids))) for s in range(0, len(ids), batch)]
@@ -127,10 +109,44 @@ def run(cfg, run_dir: Path) -> dict:
     return summary
 
 
+def swap_measures(arrays, rows, partners, modes: dict, group_mean: dict, scored, reduction: str) -> dict:
+    """Per sample in `rows` (indices into `arrays` and `partners`) and per draw: KL(p_base || p_swap)
+    averaged over the scored positions, the loss change and the shift's norm, for each subspace.
+
+    `scored(variants, r)` runs the decoder on sample r's original and swapped sequences and returns
+    (log_p (N, V) at the scored positions, row_of (N,) the variant of each, targets (N,) the tokens);
+    the loss is minus the target's log-probability, summed or averaged over positions (`reduction`)."""
+    n_draws = len(partners[rows[0]]) if len(rows) else 0
+    out = {f"{k}_{s}": np.empty((len(rows), n_draws)) for k in ("kl", "dce", "shift") for s in SUBSPACES}
+    out["loss_base"] = np.empty(len(rows))
+    reduce = (lambda x: -x.sum()) if reduction == "sum" else (lambda x: -x.mean())
+    for n, r in enumerate(rows):
+        z = torch.as_tensor(arrays[r], dtype=torch.float32)
+        variants, shifts = [z], []
+        for subspace in SUBSPACES:
+            for partner in partners[r]:
+                shift = swap_shift(z, modes[subspace], group_mean[partner])
+                variants.append(z + shift)
+                shifts.append(float(shift.norm()))
+        log_p, row_of, targets = scored(variants, r)
+        token = log_p.gather(1, targets[:, None])[:, 0]
+        per_row = [token[row_of == v] for v in range(len(variants))]
+        base_loss = float(reduce(per_row[0]))
+        base = log_p[row_of == 0]
+        out["loss_base"][n] = base_loss
+        for v in range(1, len(variants)):
+            subspace, draw = SUBSPACES[(v - 1) // n_draws], (v - 1) % n_draws
+            out[f"kl_{subspace}"][n, draw] = float(kl_per_position(base, log_p[row_of == v]).mean())
+            out[f"dce_{subspace}"][n, draw] = float(reduce(per_row[v])) - base_loss
+            out[f"shift_{subspace}"][n, draw] = shifts[v - 1]
+    return out
+
+
 def _summary(data, alignment, exp, target, n, n_groups, basis_source) -> dict:
     """Per subspace: mean KL, loss change (t-test vs 0), shift size, KL per unit^2; MS vs TA paired."""
     out = {"n_samples": n, "n_groups": n_groups, "n_draws": int(exp.n_draws), "group_by": str(exp.group_by),
-           "n_ms_modes": alignment.n_ms, "n_ta_modes": alignment.n_ta, "target": target.name,
+           "n_ms_modes": alignment.n_ms, "n_ta_modes": alignment.n_ta,
+           "rho_normalization": alignment.rho_normalization, "target": target.name,
            "reduction": target.reduction, "eigenbasis": basis_source, "mean_loss_base": float(data["loss_base"].mean())}
     per_unit = {}
     for s in SUBSPACES:

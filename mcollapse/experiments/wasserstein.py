@@ -47,7 +47,7 @@ def _figure(a: np.ndarray, b: np.ndarray, result, hook: str, path: Path, title: 
     ax.scatter(pb[:, 0], pb[:, 1], s=8, alpha=0.6, label=f"text (n={len(b)})")
     ax.set_xlabel(f"PC1 ({ratios[0]:.1%} of union variance)")
     ax.set_ylabel(f"PC2 ({ratios[1]:.2%})")
-    lines = [f"W1 = {result.w1:.2f} [{result.ci[0]:.2f}, {result.ci[1]:.2f}] in {result.dims} dims"]
+    lines = [f"W1 = {result.w1:.2f} {_interval(result.ci, '.2f')} in {result.dims} dims"]
     if result.null_w1 is not None:
         lines.append(f"text-vs-text null = {result.null_w1:.2f}; excess = {result.excess_w1:.2f}")
     ax.set_title(f"{title} at {hook}\n" + "\n".join(lines), fontsize=9)
@@ -55,6 +55,22 @@ def _figure(a: np.ndarray, b: np.ndarray, result, hook: str, path: Path, title: 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _interval(ci, spec: str) -> str:
+    """A CI as "[low, high]", or "(no bootstrap)" when experiment.n_bootstrap=0 left none."""
+    return "(no bootstrap)" if ci is None else f"[{ci[0]:{spec}}, {ci[1]:{spec}}]"
+
+
+def _print_table(result, title: str) -> None:
+    table = Table(title=title)
+    for column in ("W1", "95% CI", "null (text vs text)", "excess over null", "sliced W1", "n modal/text", "dims"):
+        table.add_column(column, justify="right")
+    excess = "–" if result.excess_w1 is None else f"{result.excess_w1:.3f}"
+    null = "–" if result.null_w1 is None else f"{result.null_w1:.3f}"
+    table.add_row(f"{result.w1:.3f}", _interval(result.ci, ".3f"), null, excess,
+                  f"{result.sliced_w1:.3f}", f"{result.n_a}/{result.n_b}", str(result.dims))
+    Console(width=140).print(table)
 
 
 def _with_lipschitz(cfg, selection, w1: float) -> dict:
@@ -97,14 +113,7 @@ def run(cfg, run_dir: Path) -> dict:
     with rec.stage("report"):
         _figure(a, b, result, hook, run_dir / "w1_clouds.png", f"{cfg.model.name} x {cfg.dataset.name}")
     rec.write(rows, summary)
-    table = Table(title=f"W1 modal vs text: {cfg.model.name} x {cfg.dataset.name} at {hook}")
-    for column in ("W1", "95% CI", "null (text vs text)", "excess over null", "sliced W1", "n modal/text", "dims"):
-        table.add_column(column, justify="right")
-    excess = "–" if result.excess_w1 is None else f"{result.excess_w1:.3f}"
-    null = "–" if result.null_w1 is None else f"{result.null_w1:.3f}"
-    table.add_row(f"{result.w1:.3f}", f"[{result.ci[0]:.3f}, {result.ci[1]:.3f}]", null, excess,
-                  f"{result.sliced_w1:.3f}", f"{result.n_a}/{result.n_b}", str(result.dims))
-    Console(width=140).print(table)
+    _print_table(result, f"W1 modal vs text: {cfg.model.name} x {cfg.dataset.name} at {hook}")
     if "lipschitz_missing" in metrics:
         log.info("L x W1: %s", metrics["lipschitz_missing"])
     if "L_mean_x_W1" in metrics:

@@ -63,9 +63,9 @@ class ModelFamily(ABC):
         self.dtype = dtype
         self.model: nn.Module = self._load_model()
         if getattr(cfg, "lora", None):
-            from mcollapse.models.lora import merged
+            from mcollapse.models.lora import with_adapter
 
-            self.model = merged(self.model, cfg.lora)
+            self.model = with_adapter(self.model, cfg.lora)
         self.model.to(device).eval()
         self.processor = self._load_processor()
 

@@ -1,4 +1,8 @@
-"""LoRA on the LLM only, through peft: attach for training, save, and load merged for any experiment.
+"""LoRA on the LLM only, through peft: attach for training, save, and load for any experiment.
+
+A saved adapter is loaded unmerged, as it was trained and evaluated: merging B A into bf16 weights
+rounds away every update smaller than half the weights' ulp, so a merged model would not be the
+model whose task accuracy was measured.
 
 The towers of multimodal models have their own `q_proj`/`k_proj`/`v_proj` linears (Whisper's
 encoder, CLIP's vision model), so target modules are matched by a regex anchored at the text
@@ -18,6 +22,7 @@ from mcollapse.errors import UserError
 from mcollapse.models.roles import find_text_backbone
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+APPLIED_AS = "unmerged"  # in the adapter digest: caches from models with the adapter merged are not reused
 
 
 def llm_path(model: nn.Module) -> str:
@@ -85,8 +90,9 @@ def attach(model: nn.Module, settings):
     return peft_model.eval()  # new LoRA dropout layers start in training mode; training switches it on
 
 
-def merged(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """`model` with a saved adapter folded into its weights: the same module tree, hooks unchanged.
+def with_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """`model` with a saved adapter's LoRA layers injected, unmerged: the same root module and
+    module paths (each adapted linear keeps its weight as `base_layer`), so hooks are unchanged.
 
     An adapter reaching outside the LLM is refused, so encoder and adapter outputs of a LoRA
     model are the base model's (the adapter-sequence cache relies on it)."""
@@ -105,12 +111,12 @@ def merged(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     outside = [name for name in adapted if not name.startswith(f"{prefix}.")]
     if not adapted or outside:
         raise UserError(f"model.lora {path} adapts modules outside the LLM ({(outside or ['none'])[0]})")
-    return wrapped.merge_and_unload()
+    return wrapped.get_base_model()  # the LoRA layers stay in place; the wrapper adds nothing to a forward
 
 
 def adapter_digest(adapter_dir: str | Path) -> str:
     """Content hash of a saved adapter, so cached activations of a LoRA model are keyed by its weights."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(APPLIED_AS.encode())
     for name in ADAPTER_FILES:
         file = Path(adapter_dir).expanduser() / name
         if file.is_file():

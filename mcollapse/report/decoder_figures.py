@@ -47,14 +47,16 @@ def lipschitz_histogram(norms: np.ndarray, stats: dict, path: Path, title: str, 
 
 
 def mode_alignment_figure(rho: np.ndarray, eigenvalues: np.ndarray, is_ms: np.ndarray, threshold: float,
-                          explained: np.ndarray, path: Path, title: str) -> None:
-    """The paper's Fig. 2: rho_k bars (MS in red) and lambda_k on a log axis."""
+                          explained: np.ndarray, path: Path, title: str, normalised: bool = False) -> None:
+    """The paper's Fig. 2: rho_k bars (MS in red) and lambda_k on a log axis; `normalised`: the bars
+    are the trace-normalised rho that decided the split."""
     k = np.arange(rho.size)
     fig, ax = plt.subplots(figsize=(8.0, 4.2))
     ax.bar(k, rho, color=np.where(is_ms, "#c44e52", "#4c72b0"), width=0.85)
     ax.axhline(threshold, color="black", linestyle=":", linewidth=1, label=f"MS threshold {threshold:g}")
     ax.set_xlabel("mode k (by decreasing modal variance)")
-    ax.set_ylabel(r"$\rho_k = u_k^\top \Sigma_T u_k / \lambda_k$")
+    ax.set_ylabel(r"$\rho_k \,\mathrm{tr}\Sigma_M / \mathrm{tr}\Sigma_T$" if normalised
+                  else r"$\rho_k = u_k^\top \Sigma_T u_k / \lambda_k$")
     ax.set_yscale("symlog", linthresh=1.0)
     twin = ax.twinx()
     twin.plot(k, eigenvalues, color="#55a868", linewidth=1.5, label=r"$\lambda_k$")
