@@ -131,7 +131,7 @@ def readable_samples(records: list[Record], strict: bool, record_skip, problem=N
     samples = []
     for record in records:
         try:
-            sample = load_media(record)
+            sample = load_media(record, strict)
             reason = problem(sample) if problem is not None else None
             if reason:
                 raise MediaError(reason)
