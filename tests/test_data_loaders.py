@@ -219,6 +219,30 @@ def test_coco_fields_captions_and_skips(tmp_path):
     }
 
 
+def test_coco_image_whose_pixels_disagree_with_its_json_size_is_skipped(tmp_path):
+    """Boxes are normalised by the JSON size, so an image of another size would get wrong fields."""
+    root = make_coco(tmp_path / "coco")
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(root / "val2017" / "000000000002.jpg")
+    Image.new("RGB", (64, 48), (9, 9, 9)).save(root / "val2017" / "000000000003.jpg")
+    cfg = DatasetConfig(name="coco", modality="image", parts=[DatasetPart("coco", str(root))])
+    records, info = load_records(cfg)
+    assert [r.id for r in records] == ["1"]
+    assert info["skipped"]["coco: image size differs from its annotation"] == 2
+
+
+@pytest.mark.parametrize(("file", "key"), [("instances", "categories"), ("instances", "images"),
+                                           ("instances", "annotations"), ("captions", "annotations")])
+def test_coco_json_without_a_required_key_names_it(tmp_path, file, key):
+    root = make_coco(tmp_path / "coco")
+    path = root / "annotations" / f"{file}_val2017.json"
+    content = json.loads(path.read_text())
+    del content[key]
+    path.write_text(json.dumps(content))
+    cfg = DatasetConfig(name="coco", modality="image", parts=[DatasetPart("coco", str(root))])
+    with pytest.raises(DataError, match=rf"{file}_val2017.json has no '{key}'"):
+        load_records(cfg)
+
+
 def test_coco_largest_box_tie_goes_to_lowest_annotation_id():
     categories = {1: {"name": "a", "supercategory": "x"}, 2: {"name": "b", "supercategory": "y"}}
     boxes = [
