@@ -70,6 +70,18 @@ def test_librispeech_records_fields_and_skips(tmp_path):
     assert info["n_records"] == 5 and info["generated"] is False
 
 
+def test_librispeech_id_with_two_different_transcripts_is_skipped_and_counted(tmp_path):
+    """Which line is right cannot be known, so neither is used; a repeated identical line is harmless."""
+    root = make_librispeech(tmp_path / "LibriSpeech" / "test-clean")
+    with (root / "121" / "121726" / "121-121726.trans.txt").open("a") as handle:
+        handle.write("121-121726-0000 A DIFFERENT SENTENCE\n121-121726-0001 HE HOPED THERE WOULD BE STEW 1\n")
+    records, info = load_records(dataset("librispeech", root))
+    ids = [r.id for r in records]
+    assert "121-121726-0000" not in ids and "121-121726-0001" in ids
+    assert info["skipped"]["librispeech: utterance id with conflicting transcripts"] == 1
+    assert info["skipped"]["librispeech: no transcript line"] == 1  # only 0099, as before
+
+
 # ---------------------------------------------------------------- CREMA-D
 
 
