@@ -58,9 +58,9 @@ def _truncation(extra_info: str, frames_read: int, frames_declared: int, frame_b
     return None
 
 
-def read_audio(path: Path, strict: bool = False) -> np.ndarray:
-    """float32 mono 16 kHz samples. Digital silence is unusable (nothing to probe) and so is a
-    file cut short of what its header promises; `strict` is accepted for symmetry with images."""
+def read_audio(path: Path) -> np.ndarray:
+    """float32 mono 16 kHz samples. Digital silence is unusable (nothing to probe), and so is a
+    file cut short of what its header promises."""
     import soundfile as sf
     import soxr
 
@@ -111,7 +111,7 @@ def load_media(record: Record, strict: bool = False) -> Sample:
     `strict` additionally rejects a single-colour image.
     """
     if record.modality == "audio":
-        return Sample(record=record, audio=read_audio(record.path, strict))
+        return Sample(record=record, audio=read_audio(record.path))
     if record.modality == "image":
         return Sample(record=record, image=read_image(record.path, strict))
     raise MediaError(f"{record.id}: unknown modality {record.modality!r}")

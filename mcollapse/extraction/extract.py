@@ -81,9 +81,9 @@ def _batches(items: list, size: int):
 
 
 def _store_batch(family, store, targets, batch: Batch, pooling: str, skip_unpoolable=None) -> int:
-    """Pool one forward's hooks and store the rows (returns how many). A sample with no position to pool at some
-    hook (a clip shorter than one encoder frame) goes to `skip_unpoolable(id, reason)` when
-    given, and is otherwise an error."""
+    """Pool one forward's hooks and store the rows; returns how many. A sample with no position to
+    pool at some hook (a clip shorter than one encoder frame) goes to `skip_unpoolable(id, reason)`
+    when given, and is otherwise an error."""
     inputs = dict(batch.to(family.device, family.dtype).inputs)
     hidden = capture(family.model, targets, lambda: family.model(**inputs, use_cache=False))
     masks = {t.name: _mask_for(t, batch, pooling, hidden[t.name]) for t in targets}
