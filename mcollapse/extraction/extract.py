@@ -213,6 +213,7 @@ def extract_modal(family: ModelFamily, records: list[Record], dataset: dict, hoo
     paths = {r.id: r.path for r in records}
 
     def skip_unpoolable(store, sample_id, reason):
+        reason = f"{paths[sample_id].name}: {reason}"
         if strict:
             raise UserError(f"sample {sample_id} ({paths[sample_id]}): {reason}")
         log.warning("skipping %s: %s", sample_id, reason)
