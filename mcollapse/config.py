@@ -148,7 +148,7 @@ _EXPERIMENT_COUNTS = ("n_samples", "n_alternatives", "n_boot", "n_bootstrap", "n
                       "lipschitz_samples", "histogram_bins", "pca_dims", "max_points", "n_projections",
                       "max_new_tokens")
 _EXPERIMENT_OPTIONAL_COUNTS = ("batch_size", "eval_batch_size", "rows_per_forward")
-_EXPERIMENT_FRACTIONS = ("ms_threshold", "robust_quantile")  # open interval (0, 1)
+_EXPERIMENT_POSITIVE = ("ms_threshold", "s")  # rho = text / modal variance is unbounded above; the tilt s
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -188,11 +188,13 @@ def _experiment(exp) -> None:
     for key in _EXPERIMENT_OPTIONAL_COUNTS:
         if exp.get(key) is not None:
             _at_least(f"experiment.{key}", exp[key], 1)
-    for key in _EXPERIMENT_FRACTIONS:
+    for key in _EXPERIMENT_POSITIVE:
         if key in exp:
-            _fraction(f"experiment.{key}", exp[key])
+            _positive(f"experiment.{key}", exp[key])
     for threshold in exp.get("thresholds") or []:
-        _fraction("experiment.thresholds", threshold)
+        _positive("experiment.thresholds", threshold)
+    if "robust_quantile" in exp and not 0 < exp.robust_quantile <= 1:
+        raise UserError(f"experiment.robust_quantile must be in (0, 1], got {exp.robust_quantile}")
     for k in exp.get("ms_k") or []:
         _at_least("experiment.ms_k", k, 1)
     if "val" in exp and "test" in exp:  # held-out shares of the groups

@@ -92,7 +92,9 @@ def test_seed_must_be_an_integer(seed):
         (["threads=0"], r"threads must be >= 1, got 0"),
         (["device=gpu"], r"device 'gpu' is not one of auto, cpu, cuda, cuda:N"),
         (["experiment=wasserstein", "experiment.n_bootstrap=0"], r"experiment.n_bootstrap must be >= 1, got 0"),
-        (["experiment=modes", "experiment.ms_threshold=2"], r"experiment.ms_threshold must be in \(0, 1\), got 2"),
+        (["experiment=modes", "experiment.ms_threshold=0"], r"experiment.ms_threshold must be > 0, got 0"),
+        (["experiment=lipschitz", "experiment.robust_quantile=1.5"],
+         r"experiment.robust_quantile must be in \(0, 1\], got 1.5"),
         (["experiment=lora", "experiment.val=0.5", "experiment.test=0.6"],
          r"experiment.val \+ experiment.test must be < 1, got 1.1"),
         (["experiment=ablation", "experiment.batch_size=-2"], r"experiment.batch_size must be >= 1, got -2"),
@@ -112,6 +114,8 @@ def test_shipped_defaults_are_valid(experiment):
     from mcollapse.config import validate
 
     validate(_compose([f"experiment={experiment}"]))
+    if experiment in ("modes", "ablation"):  # rho is a variance ratio: thresholds above 1 are meaningful
+        validate(_compose([f"experiment={experiment}", "experiment.ms_threshold=50"]))
     validate(_compose([f"experiment={experiment}", "probe=reference", "model=tiny_llava", "dataset=coco"]))
 
 
