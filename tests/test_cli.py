@@ -239,7 +239,7 @@ def test_every_clip_silent_is_counted_and_exits_nothing_measured(tmp_path, env):
 
     _silent_cremad(tmp_path / "data")
     args = ["model=tiny_qwen2audio", "dataset=cremad", f"paths.data_root={tmp_path / 'data'}",
-            "experiment.text.source=none", "hook.roles=[adapter_output]"]
+            "hook.roles=[adapter_output,llm_final]", "dataset.info_types=[lexical]", "probe.min_samples=4"]
     proc = mcollapse(args, tmp_path, env, check=False)
     assert proc.returncode == EXIT_NOTHING_MEASURED, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "nothing" in proc.stderr.strip().splitlines()[-1]
@@ -248,7 +248,7 @@ def test_every_clip_silent_is_counted_and_exits_nothing_measured(tmp_path, env):
     assert results["counts"]["n_modal"] == 0
     reasons = list(results["counts"]["modal_skipped"].values())
     assert len(reasons) == 8 and all(r.endswith("audio is digital silence") for r in reasons)
-    assert not results["summary"]["probes"]
+    assert not results["summary"]["probes"].get("modal")  # the transcripts alone are no measurement
     strict = mcollapse([*args, "strict=true"], tmp_path / "data", env, check=False)
     assert strict.returncode == EXIT_USER_ERROR and "digital silence" in strict.stderr.strip().splitlines()[-1]
 
