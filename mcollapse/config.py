@@ -148,7 +148,7 @@ _EXPERIMENT_COUNTS = ("n_samples", "n_alternatives", "n_boot", "n_bootstrap", "n
                       "lipschitz_samples", "histogram_bins", "pca_dims", "max_points", "n_projections",
                       "max_new_tokens")
 _EXPERIMENT_OPTIONAL_COUNTS = ("batch_size", "eval_batch_size", "rows_per_forward")
-_EXPERIMENT_POSITIVE = ("ms_threshold", "s")  # rho = text / modal variance is unbounded above; the tilt s
+_EXPERIMENT_POSITIVE = ("ms_threshold", "s")  # a bound on rho = text / modal variance (no upper limit); GMI's tilt
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -159,8 +159,7 @@ def _at_least(name: str, value, low: int) -> None:
 
 def _positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise UserError(f"{name} must be > 0, got {value:g}" if isinstance(value, (int, float))
-                        else f"{name} must be > 0, got {value}")
+        raise UserError(f"{name} must be > 0, got {value}")
 
 
 def _fraction(name: str, value) -> None:
