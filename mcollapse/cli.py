@@ -1,8 +1,9 @@
 """Command line: `mcollapse experiment=<name> model=<name> dataset=<name> [overrides]`.
 
-Hydra composes the config; this module seeds, dispatches `experiment.name` to
+Hydra composes the config; this module validates it, seeds, dispatches `experiment.name` to
 `mcollapse.experiments.<name>.run`, turns user errors into one line, and keeps a failing sweep
-job from stopping the others (the sweep still exits non-zero at the end).
+job from stopping the others (the sweep still exits non-zero at the end). Exit statuses are the
+EXIT_* constants of mcollapse.errors.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mcollapse.config import register
-from mcollapse.errors import ChecksFailed, UserError
+from mcollapse.config import register, validate
+from mcollapse.errors import EXIT_FAILED, EXIT_USER_ERROR, UserError
 from mcollapse.runtime import release_memory, seed_everything
 
 log = logging.getLogger("mcollapse")
 
 FAILURE_FILE = "failed.json"
 _failed_jobs: list[str] = []
+_job_started = False  # Hydra exits 1 on a composition error (a bad override) before any job starts
 
 
 def config_dir() -> str:
@@ -74,6 +76,7 @@ def _configure_console() -> None:
 
 def _run(cfg: DictConfig) -> None:
     _configure_console()
+    validate(cfg)
     seed_everything(int(cfg.seed), cfg.threads)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     _experiment(cfg.experiment.name).run(cfg, run_dir)
@@ -88,6 +91,8 @@ register()
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _app(cfg: DictConfig) -> None:
+    global _job_started
+    _job_started = True
     try:
         _run(cfg)
     except Exception as err:  # noqa: BLE001 - a sweep job's failure must not end the sweep
@@ -95,7 +100,7 @@ def _app(cfg: DictConfig) -> None:
             if isinstance(err, UserError):
                 log.error("%s", err)
                 print(f"mcollapse: error: {err}", file=sys.stderr)
-                sys.exit(1 if isinstance(err, ChecksFailed) else 2)
+                sys.exit(err.exit_code)
             raise
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -106,12 +111,17 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    _app()
+    try:
+        _app()
+    except SystemExit as exit_:
+        if exit_.code == EXIT_FAILED and not _job_started:  # Hydra printed why the config did not compose
+            sys.exit(EXIT_USER_ERROR)
+        raise
     if _failed_jobs:
         print(f"mcollapse: {len(_failed_jobs)} sweep job(s) failed:", file=sys.stderr)
         for line in _failed_jobs:
             print(f"  {line}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":

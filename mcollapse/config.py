@@ -6,10 +6,15 @@ Registered in Hydra's ConfigStore as `<group>/base_<group>` so every option file
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from mcollapse.errors import UserError
 
 
 @dataclass
@@ -107,8 +112,30 @@ class LoraSettings:
     gradient_checkpointing: bool = True  # applied on GPU only, where memory is the limit
 
 
+@dataclass
+class RunConfig:
+    """The top level of config.yaml: typed so `seed=1.5` or `seed=foo` is refused at composition."""
+
+    paths: Any = None
+    model: Any = None
+    dataset: Any = None
+    hook: Any = None
+    probe: Any = None
+    target: Any = None
+    lora: Any = None
+    experiment: Any = None
+    report: Any = None  # experiment=report and experiment=verify
+    verify: Any = None  # experiment=verify
+    seed: int = 42
+    device: str = "auto"
+    strict: bool = False
+    threads: Optional[int] = None
+    flush_every: int = 64
+
+
 def register() -> None:
     cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConfig)
     cs.store(group="paths", name="base_paths", node=PathsConfig)
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="dataset", name="base_dataset", node=DatasetConfig)
@@ -116,3 +143,93 @@ def register() -> None:
     cs.store(group="probe", name="base_probe", node=ProbeConfig)
     cs.store(group="target", name="base_target", node=TargetConfig)
     cs.store(group="lora", name="base_lora", node=LoraSettings)
+
+
+# Experiment fields checked wherever an experiment has them (experiments keep their own meaning).
+_EXPERIMENT_COUNTS = ("n_samples", "n_alternatives", "n_boot", "n_bootstrap", "n_modes", "n_random", "n_draws",
+                      "lipschitz_samples", "histogram_bins", "pca_dims", "max_points", "n_projections",
+                      "max_new_tokens")
+_EXPERIMENT_OPTIONAL_COUNTS = ("batch_size", "eval_batch_size", "rows_per_forward")
+_EXPERIMENT_POSITIVE = ("ms_threshold", "s")  # a bound on rho = text / modal variance (no upper limit); GMI's tilt
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _at_least(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UserError(f"{name} must be >= {low}, got {value}")
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{name} must be > 0, got {value}")
+
+
+def _fraction(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise UserError(f"{name} must be in (0, 1), got {value}")
+
+
+def _device(device: str) -> None:
+    if not _DEVICE.match(device):
+        raise UserError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"device={device} but this torch sees no CUDA GPU; use device=cpu or auto")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"device={device} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+
+
+def _experiment(exp) -> None:
+    for key in _EXPERIMENT_COUNTS:
+        if key in exp:
+            _at_least(f"experiment.{key}", exp[key], 1)
+    for key in _EXPERIMENT_OPTIONAL_COUNTS:
+        if exp.get(key) is not None:
+            _at_least(f"experiment.{key}", exp[key], 1)
+    for key in _EXPERIMENT_POSITIVE:
+        if key in exp:
+            _positive(f"experiment.{key}", exp[key])
+    for threshold in exp.get("thresholds") or []:
+        _positive("experiment.thresholds", threshold)
+    if "robust_quantile" in exp and not 0 < exp.robust_quantile <= 1:
+        raise UserError(f"experiment.robust_quantile must be in (0, 1], got {exp.robust_quantile}")
+    for k in exp.get("ms_k") or []:
+        _at_least("experiment.ms_k", k, 1)
+    if "val" in exp and "test" in exp:  # held-out shares of the groups
+        _fraction("experiment.val", exp.val)
+        _fraction("experiment.test", exp.test)
+        if exp.val + exp.test >= 1:
+            raise UserError(f"experiment.val + experiment.test must be < 1, got {exp.val + exp.test:g}")
+
+
+def validate(cfg) -> None:
+    """Refuse values that cannot work before any data is read or model loaded, one line each
+    (a negative probe.C used to fail only after extraction, with a traceback)."""
+    _device(str(cfg.device))
+    _at_least("flush_every", cfg.flush_every, 1)
+    if cfg.threads is not None:
+        _at_least("threads", cfg.threads, 1)
+    probe = cfg.probe
+    if (probe.C is None) == (probe.weight_decay is None):
+        raise UserError("set exactly one of probe.C and probe.weight_decay (probe=reference uses weight_decay)")
+    if probe.C is not None:
+        _positive("probe.C", probe.C)
+    if probe.weight_decay is not None:
+        _positive("probe.weight_decay", probe.weight_decay)
+    _at_least("probe.max_iter", probe.max_iter, 1)
+    _positive("probe.tol", probe.tol)
+    _fraction("probe.train_size", probe.train_size)
+    if not probe.seeds:
+        raise UserError("probe.seeds must not be empty")
+    _at_least("probe.min_samples", probe.min_samples, 2)
+    if cfg.dataset.max_samples is not None:
+        _at_least("dataset.max_samples", cfg.dataset.max_samples, 1)
+    _at_least("dataset.lexical_top_k", cfg.dataset.lexical_top_k, 1)
+    _at_least("model.batch_size", cfg.model.batch_size, 1)
+    if cfg.model.audio_window_s is not None:
+        _positive("model.audio_window_s", cfg.model.audio_window_s)
+    if OmegaConf.is_dict(cfg.experiment):
+        _experiment(cfg.experiment)

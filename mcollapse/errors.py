@@ -1,8 +1,17 @@
-"""Errors a user can cause; the CLI prints them as one line, without a traceback."""
+"""Errors a user can cause, and the exit status of each outcome; the CLI prints a user error as
+one line, without a traceback."""
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # an unexpected error (with its traceback), or a sweep in which some job failed
+EXIT_USER_ERROR = 2  # a bad override, config value, path or dataset: fix the command or the data
+EXIT_CHECKS_FAILED = 3  # experiment=verify: results disagree with the expected values
+EXIT_NOTHING_MEASURED = 4  # the run finished but produced no measurement (every probe skipped)
 
 
 class UserError(Exception):
     """A problem with names, paths, formats or overrides that the user can fix."""
+
+    exit_code = EXIT_USER_ERROR
 
 
 class DataError(UserError):
@@ -14,4 +23,12 @@ class MediaError(Exception):
 
 
 class ChecksFailed(UserError):
-    """Results disagree with expected values (experiment=verify); the command exits with status 1."""
+    """Results disagree with expected values (experiment=verify)."""
+
+    exit_code = EXIT_CHECKS_FAILED
+
+
+class NothingMeasured(UserError):
+    """Every measurement of a run was skipped; its results (with the reasons) are still written."""
+
+    exit_code = EXIT_NOTHING_MEASURED

@@ -204,3 +204,65 @@ def test_wasserstein_between_modal_and_text_of_the_same_llm(tmp_path, env):
     refused = mcollapse(["experiment=wasserstein", "model=tiny_qwen2audio", "experiment.text.source=tiny_llama"],
                         tmp_path, env, check=False)
     assert refused.returncode == 2 and "must be self" in refused.stderr
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("seed=1.5", "seed"), ("seed=foo", "seed"), ("probe.C=-1", "probe.C must be > 0, got -1"),
+    ("device=cuda", "device=cuda but this torch sees no CUDA GPU"),
+])
+def test_config_errors_exit_2_before_any_work(tmp_path, env, override, message):
+    import torch
+
+    from mcollapse.errors import EXIT_USER_ERROR
+
+    if override.startswith("device") and torch.cuda.is_available():
+        pytest.skip("this torch has a CUDA GPU")
+    proc = mcollapse(["model=tiny_qwen2audio", override], tmp_path, env, check=False)
+    assert proc.returncode == EXIT_USER_ERROR, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and message in proc.stderr
+    assert not list(tmp_path.glob("outputs/*/*/*/*/results.json"))
+
+
+def _silent_cremad(root: Path) -> None:
+    import soundfile
+
+    folder = root / "CREMA-D" / "AudioWAV"
+    folder.mkdir(parents=True)
+    for actor in (1001, 1002):
+        for sentence in ("IEO", "TIE"):
+            for emotion in ("ANG", "SAD"):
+                soundfile.write(folder / f"{actor}_{sentence}_{emotion}_XX.wav", np.zeros(4000, np.float32), 16_000)
+
+
+def test_every_clip_silent_is_counted_and_exits_nothing_measured(tmp_path, env):
+    from mcollapse.errors import EXIT_NOTHING_MEASURED, EXIT_USER_ERROR
+
+    _silent_cremad(tmp_path / "data")
+    args = ["model=tiny_qwen2audio", "dataset=cremad", f"paths.data_root={tmp_path / 'data'}",
+            "hook.roles=[adapter_output,llm_final]", "dataset.info_types=[lexical]", "probe.min_samples=4"]
+    proc = mcollapse(args, tmp_path, env, check=False)
+    assert proc.returncode == EXIT_NOTHING_MEASURED, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "nothing" in proc.stderr.strip().splitlines()[-1]
+    run = only_run_dir(tmp_path / "outputs" / "probe" / "tiny_qwen2audio" / "cremad")
+    results = json.loads((run / "results.json").read_text())
+    assert results["counts"]["n_modal"] == 0
+    reasons = list(results["counts"]["modal_skipped"].values())
+    assert len(reasons) == 8 and all(r.endswith("audio is digital silence") for r in reasons)
+    assert not results["summary"]["probes"].get("modal")  # the transcripts alone are no measurement
+    strict = mcollapse([*args, "strict=true"], tmp_path / "data", env, check=False)
+    assert strict.returncode == EXIT_USER_ERROR and "digital silence" in strict.stderr.strip().splitlines()[-1]
+
+
+def test_a_run_whose_probes_were_all_skipped_exits_nothing_measured(tmp_path, env):
+    """Each outcome has its own exit status: here nothing measured, then verify's failed checks."""
+    from mcollapse.errors import EXIT_CHECKS_FAILED, EXIT_NOTHING_MEASURED
+
+    proc = mcollapse(["model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH, "probe.min_samples=1000",
+                      "experiment.text.source=none", "hook.roles=[adapter_output]"], tmp_path, env, check=False)
+    assert proc.returncode == EXIT_NOTHING_MEASURED, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("mcollapse: error:") and "min_samples" in last
+    run = only_run_dir(tmp_path / "outputs" / "probe" / "tiny_qwen2audio" / "synthetic_speech")
+    assert json.loads((run / "results.json").read_text())["summary"]["skipped"]
+    verify = mcollapse(["experiment=verify", f"report.runs={run}"], tmp_path, env, check=False)
+    assert verify.returncode == EXIT_CHECKS_FAILED and "none of the" in verify.stderr.strip().splitlines()[-1]

@@ -9,6 +9,7 @@ from collections import defaultdict
 
 import pytest
 
+from mcollapse.errors import EXIT_CHECKS_FAILED
 from tests.helpers import mcollapse, only_run_dir
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
@@ -87,7 +88,7 @@ def test_report_and_verify_on_the_sweep(sweep, env, tmp_path):
 
     # the paper's numbers need the real models: every check is missing, which is a failure
     paper = mcollapse(["experiment=verify", f"report.runs={sweep_dir}"], cwd, env, check=False)
-    assert paper.returncode == 1 and "none of the" in paper.stderr.strip().splitlines()[-1]
+    assert paper.returncode == EXIT_CHECKS_FAILED and "none of the" in paper.stderr.strip().splitlines()[-1]
 
     # a perturbed value fails loudly, naming the check
     copy = tmp_path / "perturbed"
@@ -98,6 +99,6 @@ def test_report_and_verify_on_the_sweep(sweep, env, tmp_path):
     (lip_dir / "results.json").write_text(json.dumps(payload))
     failed = mcollapse(["experiment=verify", f"report.runs={copy}", "verify.expected=paper_tiny"], cwd, env,
                        check=False)
-    assert failed.returncode == 1
+    assert failed.returncode == EXIT_CHECKS_FAILED
     assert "1 of" in failed.stderr.strip().splitlines()[-1] and "checks failed" in failed.stderr
     assert "FAIL: L and W1: tiny_qwen2audio/synthetic_speech L_mean: 1.14911, wanted 0.7661 ± 5 %" in failed.stdout

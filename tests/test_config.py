@@ -70,3 +70,61 @@ def test_paths_follow_environment(monkeypatch, tmp_path):
     cfg = _compose()
     assert cfg.paths.data_root == str(tmp_path / "d")
     assert OmegaConf.to_container(cfg.dataset, resolve=True)["parts"][0]["root"].startswith(str(tmp_path / "d"))
+
+
+@pytest.mark.parametrize("seed", ["1.5", "foo"])
+def test_seed_must_be_an_integer(seed):
+    with pytest.raises(ConfigCompositionException, match="seed"):
+        _compose([f"seed={seed}"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["probe.C=-1"], r"probe.C must be > 0, got -1"),
+        (["probe.C=null"], r"set exactly one of probe.C and probe.weight_decay"),
+        (["probe.train_size=1.5"], r"probe.train_size must be in \(0, 1\), got 1.5"),
+        (["probe.max_iter=0"], r"probe.max_iter must be >= 1, got 0"),
+        (["probe.seeds=[]"], r"probe.seeds must not be empty"),
+        (["dataset.max_samples=0"], r"dataset.max_samples must be >= 1, got 0"),
+        (["model.batch_size=0"], r"model.batch_size must be >= 1, got 0"),
+        (["flush_every=0"], r"flush_every must be >= 1, got 0"),
+        (["threads=0"], r"threads must be >= 1, got 0"),
+        (["device=gpu"], r"device 'gpu' is not one of auto, cpu, cuda, cuda:N"),
+        (["experiment=wasserstein", "experiment.n_bootstrap=0"], r"experiment.n_bootstrap must be >= 1, got 0"),
+        (["experiment=modes", "experiment.ms_threshold=0"], r"experiment.ms_threshold must be > 0, got 0"),
+        (["experiment=lipschitz", "experiment.robust_quantile=1.5"],
+         r"experiment.robust_quantile must be in \(0, 1\], got 1.5"),
+        (["experiment=lora", "experiment.val=0.5", "experiment.test=0.6"],
+         r"experiment.val \+ experiment.test must be < 1, got 1.1"),
+        (["experiment=ablation", "experiment.batch_size=-2"], r"experiment.batch_size must be >= 1, got -2"),
+    ],
+)
+def test_bad_values_are_refused_before_any_work(overrides, message):
+    from mcollapse.config import validate
+    from mcollapse.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        validate(_compose(overrides))
+
+
+@pytest.mark.parametrize("experiment", ["probe", "ablation", "gmi", "gradproj", "lipschitz", "lora", "modes",
+                                        "msswap", "wasserstein", "extract"])
+def test_shipped_defaults_are_valid(experiment):
+    from mcollapse.config import validate
+
+    validate(_compose([f"experiment={experiment}"]))
+    if experiment in ("modes", "ablation"):  # rho is a variance ratio: thresholds above 1 are meaningful
+        validate(_compose([f"experiment={experiment}", "experiment.ms_threshold=50"]))
+    validate(_compose([f"experiment={experiment}", "probe=reference", "model=tiny_llava", "dataset=coco"]))
+
+
+def test_cuda_without_cuda_is_one_line(monkeypatch):
+    import torch
+
+    from mcollapse.config import validate
+    from mcollapse.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"device=cuda:1 but this torch sees no CUDA GPU; use device=cpu or auto"):
+        validate(_compose(["device=cuda:1"]))

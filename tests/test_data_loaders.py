@@ -70,6 +70,18 @@ def test_librispeech_records_fields_and_skips(tmp_path):
     assert info["n_records"] == 5 and info["generated"] is False
 
 
+def test_librispeech_id_with_two_different_transcripts_is_skipped_and_counted(tmp_path):
+    """Which line is right cannot be known, so neither is used; a repeated identical line is harmless."""
+    root = make_librispeech(tmp_path / "LibriSpeech" / "test-clean")
+    with (root / "121" / "121726" / "121-121726.trans.txt").open("a") as handle:
+        handle.write("121-121726-0000 A DIFFERENT SENTENCE\n121-121726-0001 HE HOPED THERE WOULD BE STEW 1\n")
+    records, info = load_records(dataset("librispeech", root))
+    ids = [r.id for r in records]
+    assert "121-121726-0000" not in ids and "121-121726-0001" in ids
+    assert info["skipped"]["librispeech: utterance id with conflicting transcripts"] == 1
+    assert info["skipped"]["librispeech: no transcript line"] == 1  # only 0099, as before
+
+
 # ---------------------------------------------------------------- CREMA-D
 
 
@@ -217,6 +229,30 @@ def test_coco_fields_captions_and_skips(tmp_path):
         "coco: image file not in annotations": 1,
         "coco: missing image file": 1,
     }
+
+
+def test_coco_image_whose_pixels_disagree_with_its_json_size_is_skipped(tmp_path):
+    """Boxes are normalised by the JSON size, so an image of another size would get wrong fields."""
+    root = make_coco(tmp_path / "coco")
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(root / "val2017" / "000000000002.jpg")
+    Image.new("RGB", (64, 48), (9, 9, 9)).save(root / "val2017" / "000000000003.jpg")
+    cfg = DatasetConfig(name="coco", modality="image", parts=[DatasetPart("coco", str(root))])
+    records, info = load_records(cfg)
+    assert [r.id for r in records] == ["1"]
+    assert info["skipped"]["coco: image size differs from its annotation"] == 2
+
+
+@pytest.mark.parametrize(("file", "key"), [("instances", "categories"), ("instances", "images"),
+                                           ("instances", "annotations"), ("captions", "annotations")])
+def test_coco_json_without_a_required_key_names_it(tmp_path, file, key):
+    root = make_coco(tmp_path / "coco")
+    path = root / "annotations" / f"{file}_val2017.json"
+    content = json.loads(path.read_text())
+    del content[key]
+    path.write_text(json.dumps(content))
+    cfg = DatasetConfig(name="coco", modality="image", parts=[DatasetPart("coco", str(root))])
+    with pytest.raises(DataError, match=rf"{file}_val2017.json has no '{key}'"):
+        load_records(cfg)
 
 
 def test_coco_largest_box_tie_goes_to_lowest_annotation_id():

@@ -67,12 +67,31 @@ def test_wav_with_zero_frames(tmp_path):
         load_media(audio_record(path))
 
 
-def test_strict_rejects_silence_only(tmp_path):
+def test_digital_silence_is_unusable_even_when_lenient(tmp_path):
+    """A silent clip carries nothing to probe; it is skipped and counted, never used."""
     path = tmp_path / "silent.wav"
     sf.write(path, np.zeros(1600, dtype=np.float32), SAMPLE_RATE)
-    assert load_media(audio_record(path)).audio.size == 1600
-    with pytest.raises(MediaError, match="silence"):
-        load_media(audio_record(path), strict=True)
+    for strict in (False, True):
+        with pytest.raises(MediaError, match="silent.wav: audio is digital silence"):
+            load_media(audio_record(path), strict=strict)
+
+
+def test_wav_with_truncated_data_section(tmp_path):
+    """The header promises more frames than the file holds: a cut download, not a shorter clip."""
+    path = tmp_path / "cut.wav"
+    sf.write(path, (0.3 * np.sin(np.arange(16_000) / 10)).astype(np.float32), SAMPLE_RATE, subtype="PCM_16")
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(MediaError, match=r"cut.wav: truncated: the header promises 16000 frames, the file holds 79"):
+        load_media(audio_record(path))
+
+
+def test_wav_with_trailing_bytes_is_read(tmp_path):
+    path = tmp_path / "tail.wav"
+    data = (0.3 * np.sin(np.arange(1600) / 10)).astype(np.float32)
+    sf.write(path, data, SAMPLE_RATE, subtype="FLOAT")
+    path.write_bytes(path.read_bytes() + b"\x00" * 64)
+    np.testing.assert_array_equal(load_media(audio_record(path)).audio, data)
 
 
 def test_image_is_rgb(tmp_path):

@@ -162,3 +162,13 @@ def test_job_waiting_on_the_lock_finds_the_sequences_and_computes_nothing(family
     for first, second in zip(results[0].arrays, results[1].arrays):
         np.testing.assert_array_equal(first, second)
     assert (tmp_path / "cache" / "sequences" / results[0].key / ".lock").is_file()
+
+
+def test_a_clip_too_short_for_one_adapter_frame_is_skipped_not_stored_empty(family, records, tmp_path):
+    soundfile.write(records[1].path, soundfile.read(records[0].path, dtype="float32")[0][:10], 16_000)
+    sequences = adapter_sequences(family, records, DATASET, tmp_path / "cache")
+    reason = sequences.skipped[records[1].id]
+    assert records[1].id not in sequences.ids and reason == "a1.wav: too short: no adapter_output frame"
+    assert all(len(a) for a in sequences.arrays)
+    with pytest.raises(UserError, match=r"a1 .*too short"):
+        adapter_sequences(family, records, DATASET, tmp_path / "cache2", strict=True)

@@ -34,17 +34,34 @@ LAYOUT = (
 )
 
 
-def _load_coco(path: Path):
-    """A pycocotools COCO index, quiet (it prints progress) and with a one-line error."""
+def _load_coco(path: Path, required: tuple[str, ...]):
+    """A pycocotools COCO index, quiet (it prints progress) and with a one-line error; a missing
+    top-level key is named (pycocotools would index it as empty and every image would vanish)."""
     from pycocotools.coco import COCO
 
     if not path.is_file():
         raise DataError(f"{path} not found; expected {LAYOUT}")
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(path))
+            index = COCO(str(path))
     except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as exc:
         raise DataError(f"{path} is not a COCO annotation file ({exc.__class__.__name__})") from exc
+    missing = [key for key in required if key not in index.dataset]
+    if missing:
+        raise DataError(f"{path.name} has no {', '.join(repr(k) for k in missing)}; "
+                        f"a COCO annotation file lists {', '.join(required)}")
+    return index
+
+
+def _pixel_size(path: Path) -> tuple[int, int] | None:
+    """Width and height from the image header (no decoding); None when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
 
 
 def object_fields(boxes: list[dict], categories: dict[int, dict], width: float, height: float):
@@ -89,12 +106,13 @@ def _first_captions(captions) -> dict[int, str]:
 
 
 def load_part(root: Path) -> tuple[list[Record], Counter]:
-    """One record per annotated image whose file exists; the rest are counted."""
+    """One record per annotated image whose file exists with the size the annotations give (its
+    boxes are normalised by that size); the rest are counted."""
     image_dir = root / "val2017"
     if not image_dir.is_dir():
         raise DataError(f"{image_dir} not found; expected {LAYOUT}")
-    instances = _load_coco(root / "annotations" / "instances_val2017.json")
-    captions = _first_captions(_load_coco(root / "annotations" / "captions_val2017.json"))
+    instances = _load_coco(root / "annotations" / "instances_val2017.json", ("images", "annotations", "categories"))
+    captions = _first_captions(_load_coco(root / "annotations" / "captions_val2017.json", ("annotations",)))
     categories = instances.cats
     skipped: Counter = Counter()
     records: list[Record] = []
@@ -113,6 +131,10 @@ def load_part(root: Path) -> tuple[list[Record], Counter]:
             continue
         if path.stat().st_size == 0:
             skipped["empty file"] += 1
+            continue
+        size = _pixel_size(path)
+        if size is not None and size != (width, height):  # unreadable files are counted at load
+            skipped["image size differs from its annotation"] += 1
             continue
         boxes = [a for a in instances.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
         if any(a.get("category_id") not in categories for a in boxes):

@@ -18,11 +18,15 @@ LAYOUT = (
     "with <speaker>-<chapter>.trans.txt beside them"
 )
 _UTTERANCE_ID = re.compile(r"^(\d+)-(\d+)-(\d+)$")
+CONFLICTING_TRANSCRIPTS = "utterance id with conflicting transcripts"
 
 
-def _read_transcripts(paths: list[Path], skipped: Counter) -> dict[str, str]:
-    """Utterance id -> transcript from every `.trans.txt` (one `<utt-id> <TEXT>` per line)."""
+def _read_transcripts(paths: list[Path], skipped: Counter) -> tuple[dict[str, str], set[str]]:
+    """Utterance id -> transcript from every `.trans.txt` (one `<utt-id> <TEXT>` per line).
+
+    An id given twice with different text is dropped and counted: no line can be trusted."""
     transcripts: dict[str, str] = {}
+    conflicting: set[str] = set()
     for path in paths:
         for line in path.read_text(encoding="utf-8").splitlines():
             if not line.strip():
@@ -31,8 +35,12 @@ def _read_transcripts(paths: list[Path], skipped: Counter) -> dict[str, str]:
             if not _UTTERANCE_ID.match(utt_id) or not text.strip():
                 skipped["malformed transcript line"] += 1
                 continue
+            if transcripts.get(utt_id, text.strip()) != text.strip():
+                conflicting.add(utt_id)
             transcripts[utt_id] = text.strip()
-    return transcripts
+    if conflicting:
+        skipped[CONFLICTING_TRANSCRIPTS] += len(conflicting)
+    return {utt_id: text for utt_id, text in transcripts.items() if utt_id not in conflicting}, conflicting
 
 
 def load_part(root: Path) -> tuple[list[Record], Counter]:
@@ -42,7 +50,7 @@ def load_part(root: Path) -> tuple[list[Record], Counter]:
     if not audio_files and not transcript_files:
         raise DataError(f"{root} holds no LibriSpeech files; expected {LAYOUT}")
     skipped: Counter = Counter()
-    transcripts = _read_transcripts(transcript_files, skipped)
+    transcripts, conflicting = _read_transcripts(transcript_files, skipped)
     records: list[Record] = []
     seen: set[str] = set()
     for path in audio_files:
@@ -51,6 +59,8 @@ def load_part(root: Path) -> tuple[list[Record], Counter]:
             skipped["malformed file name"] += 1
             continue
         seen.add(path.stem)
+        if path.stem in conflicting:  # counted once, with its transcripts
+            continue
         if path.stem not in transcripts:
             skipped["no transcript line"] += 1
             continue

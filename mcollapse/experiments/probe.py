@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mcollapse.analysis.probes import ProbeOutcome, ProbeSettings, retention, run_probes
 from mcollapse.data.labels import derive_labels
-from mcollapse.errors import UserError
+from mcollapse.errors import NothingMeasured, UserError
 from mcollapse.experiments.common import modal_and_text, recorder, selected_records
 from mcollapse.report.probe_report import print_probe_table, probe_figure
 
@@ -104,9 +104,26 @@ def run(cfg, run_dir: Path) -> dict:
                 if not entry["converged"]:
                     log.warning("probe %s/%s/%s did not converge in %d iterations", kind, info_type, hook,
                                 cfg.probe.max_iter)
+    if not summary["probes"].get("modal"):  # a text baseline alone measures nothing of the model's modality
+        rec.write(rows, summary)  # the skip reasons are the result
+        raise NothingMeasured(_nothing_measured(summary["skipped"], extracted.modal, run_dir))
     with rec.stage("report"):
         probe_figure(summary, run_dir / "probe_accuracy.png", title=f"{cfg.model.name} x {cfg.dataset.name}")
     rec.write(rows, summary)
     print_probe_table(summary, title=f"probe accuracy: {cfg.model.name} x {cfg.dataset.name}")
     log.info("results in %s", run_dir)
     return summary
+
+
+def _nothing_measured(skipped: dict, modal, run_dir: Path) -> str:
+    """One line on why no probe ran: the samples that never reached a probe, else the first skip."""
+    n_rows = len(modal.activations.ids)
+    if modal.skipped and n_rows < len(modal.skipped):
+        sample, reason = next(iter(modal.skipped.items()))
+        why = f"{len(modal.skipped)} samples skipped, {n_rows} extracted (e.g. {sample}: {reason})"
+    elif skipped:
+        probe, reason = next(iter(skipped.items()))
+        why = f"{len(skipped)} probes skipped (e.g. {probe}: {reason})"
+    else:
+        why = "the dataset has none of the configured info types"
+    return f"nothing measured: {why}; results in {run_dir}"

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import soundfile
 import torch
 
@@ -79,24 +80,38 @@ def _batches(items: list, size: int):
         yield items[start : start + size]
 
 
-def _store_batch(family, store, targets, batch: Batch, pooling: str) -> None:
+def _store_batch(family, store, targets, batch: Batch, pooling: str, skip_unpoolable=None) -> int:
+    """Pool one forward's hooks and store the rows; returns how many. A sample with no position to
+    pool at some hook (a clip shorter than one encoder frame) goes to `skip_unpoolable(id, reason)`
+    when given, and is otherwise an error."""
     inputs = dict(batch.to(family.device, family.dtype).inputs)
     hidden = capture(family.model, targets, lambda: family.model(**inputs, use_cache=False))
+    masks = {t.name: _mask_for(t, batch, pooling, hidden[t.name]) for t in targets}
+    keep = torch.ones(len(batch.ids), dtype=torch.bool)
+    if skip_unpoolable is not None:
+        for target in targets:
+            empty = ~masks[target.name].bool().any(dim=1).cpu()
+            for row in torch.nonzero(empty & keep).flatten().tolist():
+                skip_unpoolable(batch.ids[row], f"too short: no {target.role} frame to pool over")
+            keep &= ~empty
+    if not keep.any():
+        return 0
+    rows = torch.nonzero(keep).flatten()
     vectors = {}
     for target in targets:
-        tensor = hidden[target.name]
-        mask = _mask_for(target, batch, pooling, tensor)
+        tensor, mask = hidden[target.name][rows.to(hidden[target.name].device)], masks[target.name][rows]
         vectors[target.name] = masked_mean(tensor, mask.to(tensor.device)).cpu().numpy()
     try:
-        store.add(batch.ids, vectors)
+        store.add([batch.ids[i] for i in rows.tolist()], vectors)
     except ValueError as err:
         if "non-finite" in str(err):
             raise UserError(str(err)) from None
         raise
+    return len(rows)
 
 
 def _run(family, records, targets, key_fields, cache_dir, batch_size, flush_every, make_batch, label,
-         size_of=None) -> Extraction:
+         size_of=None, skip_unpoolable=None) -> Extraction:
     """Compute the pending rows of one cache entry in batches of similar size (less padding).
 
     The order is a pure function of the pending set, so a resumed run forms the same batches."""
@@ -114,8 +129,8 @@ def _run(family, records, targets, key_fields, cache_dir, batch_size, flush_ever
                 for chunk in _batches(todo, batch_size):
                     batch = make_batch(chunk, store)
                     if batch is not None:
-                        _store_batch(family, store, targets, batch, key_fields["pooling"])
-                        computed += len(batch.ids)
+                        computed += _store_batch(family, store, targets, batch, key_fields["pooling"],
+                                                 skip_unpoolable and (lambda i, why: skip_unpoolable(store, i, why)))
                     advance(len(chunk))
             store.finalize()
         else:
@@ -131,7 +146,7 @@ def readable_samples(records: list[Record], strict: bool, record_skip, problem=N
     samples = []
     for record in records:
         try:
-            sample = load_media(record)
+            sample = load_media(record, strict)
             reason = problem(sample) if problem is not None else None
             if reason:
                 raise MediaError(reason)
@@ -142,6 +157,14 @@ def readable_samples(records: list[Record], strict: bool, record_skip, problem=N
             log.warning("skipping %s: %s", record.id, err)
             record_skip(record.id, str(err))
     return samples
+
+
+def warn_identical_vectors(extraction: Extraction) -> None:
+    """A hook that gives every sample the same vector has nothing to probe (silent or identical
+    inputs, a dead layer); say so rather than let probes report chance as a measurement."""
+    for hook, vectors in extraction.activations.vectors.items():
+        if len(vectors) >= 2 and np.array_equal(vectors.min(axis=0), vectors.max(axis=0)):
+            log.warning("all %d vectors of hook %s are identical: its probes measure nothing", len(vectors), hook)
 
 
 def audio_seconds(record: Record) -> float:
@@ -187,9 +210,19 @@ def extract_modal(family: ModelFamily, records: list[Record], dataset: dict, hoo
         samples = readable_samples(chunk, strict, store.add_skipped, family.sample_problem)
         return family.prepare(samples) if samples else None
 
+    paths = {r.id: r.path for r in records}
+
+    def skip_unpoolable(store, sample_id, reason):
+        reason = f"{paths[sample_id].name}: {reason}"
+        if strict:
+            raise UserError(f"sample {sample_id} ({paths[sample_id]}): {reason}")
+        log.warning("skipping %s: %s", sample_id, reason)
+        store.add_skipped(sample_id, reason)
+
     size_of = audio_seconds if family.modality == "audio" else None
     extraction = _run(family, records, targets, key, cache_dir, int(family.cfg.batch_size), flush_every,
-                      make_batch, f"{family.cfg.name}/{dataset['name']}", size_of)
+                      make_batch, f"{family.cfg.name}/{dataset['name']}", size_of, skip_unpoolable)
+    warn_identical_vectors(extraction)
     if strict and extraction.skipped:  # also when the skips were recorded by an earlier, lenient run
         first, reason = next(iter(extraction.skipped.items()))
         raise UserError(f"{len(extraction.skipped)} unreadable sample(s), first {first}: {reason}")

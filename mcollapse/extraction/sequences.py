@@ -120,9 +120,16 @@ def _compute(family: ModelFamily, target, store: SequenceStore, todo: list[Recor
                 out = hidden[target.name].float().cpu()
                 lengths = batch.frame_lengths if batch.frame_lengths is not None else \
                     torch.full((out.shape[0],), out.shape[1])
+                paths = {s.id: s.record.path for s in samples}
                 for i, sample_id in enumerate(batch.ids):
+                    if int(lengths[i]) == 0:  # an empty sequence would pool to NaN downstream
+                        reason = f"{paths[sample_id].name}: too short: no {target.role} frame"
+                        if strict:
+                            raise UserError(f"sample {sample_id} ({paths[sample_id]}): {reason}")
+                        store.put_skip(sample_id, reason)
+                        continue
                     store.put(sample_id, out[i, : int(lengths[i])].numpy())
-                computed += len(batch.ids)
+                    computed += 1
             advance(len(chunk))
     return computed
 
