@@ -146,10 +146,10 @@ def register() -> None:
 
 
 # Experiment fields checked wherever an experiment has them (experiments keep their own meaning).
-_EXPERIMENT_COUNTS = ("n_samples", "n_alternatives", "n_boot", "n_bootstrap", "n_modes", "n_random", "n_draws",
-                      "lipschitz_samples", "histogram_bins", "pca_dims", "max_points", "n_projections",
-                      "max_new_tokens")
-_EXPERIMENT_OPTIONAL_COUNTS = ("batch_size", "eval_batch_size", "rows_per_forward")
+_EXPERIMENT_COUNTS = ("n_alternatives", "n_boot", "n_modes", "n_random", "n_draws", "histogram_bins", "pca_dims",
+                      "max_points", "n_projections", "max_new_tokens")
+_EXPERIMENT_OPTIONAL_COUNTS = ("n_samples", "lipschitz_samples",  # null: every scorable sample
+                               "batch_size", "eval_batch_size", "rows_per_forward")
 _EXPERIMENT_POSITIVE = ("ms_threshold", "s")  # a bound on rho = text / modal variance (no upper limit); GMI's tilt
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -189,6 +189,8 @@ def _experiment(exp) -> None:
     for key in _EXPERIMENT_OPTIONAL_COUNTS:
         if exp.get(key) is not None:
             _at_least(f"experiment.{key}", exp[key], 1)
+    if "n_bootstrap" in exp:  # 0: W1 without intervals
+        _at_least("experiment.n_bootstrap", exp.n_bootstrap, 0)
     for key in _EXPERIMENT_POSITIVE:
         if key in exp:
             _positive(f"experiment.{key}", exp[key])

@@ -91,7 +91,8 @@ def test_seed_must_be_an_integer(seed):
         (["flush_every=0"], r"flush_every must be >= 1, got 0"),
         (["threads=0"], r"threads must be >= 1, got 0"),
         (["device=gpu"], r"device 'gpu' is not one of auto, cpu, cuda, cuda:N"),
-        (["experiment=wasserstein", "experiment.n_bootstrap=0"], r"experiment.n_bootstrap must be >= 1, got 0"),
+        (["experiment=wasserstein", "experiment.n_bootstrap=-1"], r"experiment.n_bootstrap must be >= 0, got -1"),
+        (["experiment=gmi", "experiment.n_samples=0"], r"experiment.n_samples must be >= 1, got 0"),
         (["experiment=modes", "experiment.ms_threshold=0"], r"experiment.ms_threshold must be > 0, got 0"),
         (["experiment=lipschitz", "experiment.robust_quantile=1.5"],
          r"experiment.robust_quantile must be in \(0, 1\], got 1.5"),
@@ -128,3 +129,13 @@ def test_cuda_without_cuda_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match=r"device=cuda:1 but this torch sees no CUDA GPU; use device=cpu or auto"):
         validate(_compose(["device=cuda:1"]))
+
+
+@pytest.mark.parametrize("overrides", [["experiment=wasserstein", "experiment.n_bootstrap=0"],
+                                       ["experiment=gmi", "experiment.n_samples=null"],
+                                       ["experiment=lipschitz", "experiment.n_samples=null"],
+                                       ["experiment=lipschitz", "experiment.secant_samples=0"]])
+def test_values_that_mean_none_or_all_are_accepted(overrides):
+    from mcollapse.config import validate
+
+    validate(_compose(overrides))
