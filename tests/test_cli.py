@@ -115,7 +115,7 @@ def _arrays(cache: Path) -> dict:
 def test_extraction_resumes_after_kill_9_with_identical_arrays(tmp_path, env, cache_dir):
     args = ["experiment=extract", "model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
             "model.batch_size=4", "flush_every=4", "experiment.text.source=none"]
-    from mcollapse.models.tiny import ensure_tiny_checkpoint
+    from mcollapse.models.twins import ensure_tiny_checkpoint
 
     ensure_tiny_checkpoint("tiny_qwen2audio", cache_dir)
     killed_env = {**env, "MCOLLAPSE_CACHE": str(tmp_path / "killed")}

@@ -45,7 +45,7 @@ def build_offline(build: str, cfg, cache_dir: Path) -> Path:
         from mcollapse.models.smol_speech import DEFAULT_WINDOW_S, ensure_smol_speech
 
         return ensure_smol_speech(cache_dir, window_seconds=float(cfg.audio_window_s or DEFAULT_WINDOW_S))
-    from mcollapse.models.tiny import TINY_MODELS, ensure_tiny_checkpoint
+    from mcollapse.models.twins import TINY_MODELS, ensure_tiny_checkpoint
 
     if build in TINY_MODELS:
         return ensure_tiny_checkpoint(build, cache_dir)
