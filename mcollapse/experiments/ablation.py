@@ -17,8 +17,9 @@ import torch
 
 from mcollapse.analysis.ablation import VARIANTS, conditions, empty_controls, project_out, summarise, variance_share
 from mcollapse.errors import UserError
-from mcollapse.experiments.common import recorder, selected_records
-from mcollapse.experiments.llm_side import (
+from mcollapse.extraction.cache import cache_key
+from mcollapse.models.decoder import compose, pad_sequences
+from mcollapse.pipeline.decoder_side import (
     batch_size_of,
     decoder_inputs,
     eigenbasis_for,
@@ -26,8 +27,7 @@ from mcollapse.experiments.llm_side import (
     scored_ids,
     sharded_pass,
 )
-from mcollapse.extraction.cache import cache_key
-from mcollapse.models.decoder import compose, pad_sequences
+from mcollapse.pipeline.inputs import recorder, selected_records
 from mcollapse.report.decoder_figures import ablation_figure, print_ablation_table
 
 log = logging.getLogger(__name__)

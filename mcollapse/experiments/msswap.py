@@ -20,8 +20,9 @@ from mcollapse.analysis.stats import paired_t
 from mcollapse.analysis.swap import draw_partners, kl_per_position, swap_shift
 from mcollapse.data.labels import derive_labels
 from mcollapse.errors import UserError
-from mcollapse.experiments.common import recorder, selected_records
-from mcollapse.experiments.llm_side import (
+from mcollapse.extraction.cache import cache_key
+from mcollapse.models.decoder import IGNORE, compose, pad_sequences
+from mcollapse.pipeline.decoder_side import (
     batch_size_of,
     decoder_inputs,
     eigenbasis_for,
@@ -29,8 +30,7 @@ from mcollapse.experiments.llm_side import (
     scored_ids,
     sharded_pass,
 )
-from mcollapse.extraction.cache import cache_key
-from mcollapse.models.decoder import IGNORE, compose, pad_sequences
+from mcollapse.pipeline.inputs import recorder, selected_records
 from mcollapse.report.decoder_figures import msswap_figure, print_metrics
 
 SUBSPACES = ("MS", "TA")

@@ -22,6 +22,7 @@ import torch
 import transformers
 from filelock import FileLock
 
+from mcollapse.data.base import SAMPLE_RATE
 from mcollapse.models.twins.hf import build_tiny_llama, build_tiny_llava, build_tiny_qwen2audio
 from mcollapse.models.twins.prismatic import build_tiny_prismatic
 from mcollapse.models.twins.shapes import (
@@ -29,7 +30,6 @@ from mcollapse.models.twins.shapes import (
     AUDIO_D_MODEL,
     AUDIO_HOP_LENGTH,
     AUDIO_NUM_MEL_BINS,
-    AUDIO_SAMPLING_RATE,
     IMAGE_PATCH_SIZE,
     IMAGE_SIZE,
     TEXT_HIDDEN_SIZE,
@@ -93,7 +93,7 @@ def builder_fingerprint(name: str) -> str:
         "vocab": TOKENIZER_VOCAB_SIZE,
         "text": [TEXT_HIDDEN_SIZE, TEXT_INTERMEDIATE_SIZE, TEXT_NUM_LAYERS, TEXT_NUM_HEADS,
                  TEXT_NUM_KV_HEADS, TEXT_MAX_POSITIONS],
-        "audio": [AUDIO_SAMPLING_RATE, AUDIO_NUM_MEL_BINS, AUDIO_CHUNK_SECONDS, AUDIO_HOP_LENGTH,
+        "audio": [SAMPLE_RATE, AUDIO_NUM_MEL_BINS, AUDIO_CHUNK_SECONDS, AUDIO_HOP_LENGTH,
                   AUDIO_D_MODEL],
         "vision": [IMAGE_SIZE, IMAGE_PATCH_SIZE, VISION_HIDDEN_SIZE],
         "corpus": [PROMPT_CORPUS, PROMPT_REPEATS, TOKENIZER_CORPUS],

@@ -20,13 +20,13 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
+from mcollapse.data.base import SAMPLE_RATE
 from mcollapse.models.twins.shapes import (
     AUDIO_CHUNK_SECONDS,
     AUDIO_D_MODEL,
     AUDIO_HOP_LENGTH,
     AUDIO_MAX_SOURCE_POSITIONS,
     AUDIO_NUM_MEL_BINS,
-    AUDIO_SAMPLING_RATE,
     IMAGE_NUM_PATCHES,
     IMAGE_PATCH_SIZE,
     IMAGE_SIZE,
@@ -49,7 +49,7 @@ def build_tiny_qwen2audio(out_dir: Path) -> None:
     tokenizer = train_tokenizer(QWEN_TOKENIZER)
     feature_extractor = WhisperFeatureExtractor(
         feature_size=AUDIO_NUM_MEL_BINS,
-        sampling_rate=AUDIO_SAMPLING_RATE,
+        sampling_rate=SAMPLE_RATE,
         hop_length=AUDIO_HOP_LENGTH,
         chunk_length=AUDIO_CHUNK_SECONDS,
         n_fft=400,

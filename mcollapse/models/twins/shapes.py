@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from mcollapse.data.base import SAMPLE_RATE
+
 WEIGHT_SEED = 1234
 TOKENIZER_VOCAB_SIZE = 768
 
@@ -19,12 +21,11 @@ TEXT_NUM_HEADS = 4
 TEXT_NUM_KV_HEADS = 2
 TEXT_MAX_POSITIONS = 2048
 
-# Audio twin: Whisper-style front end with a 10 s window instead of 30 s.
-AUDIO_SAMPLING_RATE = 16_000
+# Audio twin: Whisper-style front end (at SAMPLE_RATE) with a 10 s window instead of 30 s.
 AUDIO_NUM_MEL_BINS = 80
 AUDIO_CHUNK_SECONDS = 10
 AUDIO_HOP_LENGTH = 160
-AUDIO_MEL_FRAMES = AUDIO_CHUNK_SECONDS * AUDIO_SAMPLING_RATE // AUDIO_HOP_LENGTH
+AUDIO_MEL_FRAMES = AUDIO_CHUNK_SECONDS * SAMPLE_RATE // AUDIO_HOP_LENGTH
 AUDIO_MAX_SOURCE_POSITIONS = AUDIO_MEL_FRAMES // 2  # conv2 has stride 2
 AUDIO_D_MODEL = 32
 

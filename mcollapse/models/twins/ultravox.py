@@ -8,13 +8,13 @@ from pathlib import Path
 from safetensors.torch import save_file
 from transformers import LlamaConfig, WhisperConfig, WhisperFeatureExtractor
 
+from mcollapse.data.base import SAMPLE_RATE
 from mcollapse.models.twins.shapes import (
     AUDIO_CHUNK_SECONDS,
     AUDIO_D_MODEL,
     AUDIO_HOP_LENGTH,
     AUDIO_MAX_SOURCE_POSITIONS,
     AUDIO_NUM_MEL_BINS,
-    AUDIO_SAMPLING_RATE,
     seeded_float32_model,
     tiny_text_config,
 )
@@ -47,6 +47,6 @@ def build_tiny_ultravox(out_dir: Path) -> None:
     model.language_model.save_pretrained(out_dir / "text_model")
     tokenizer.save_pretrained(out_dir)
     WhisperFeatureExtractor(
-        feature_size=AUDIO_NUM_MEL_BINS, sampling_rate=AUDIO_SAMPLING_RATE, hop_length=AUDIO_HOP_LENGTH,
+        feature_size=AUDIO_NUM_MEL_BINS, sampling_rate=SAMPLE_RATE, hop_length=AUDIO_HOP_LENGTH,
         chunk_length=AUDIO_CHUNK_SECONDS, n_fft=400, padding_value=0.0, return_attention_mask=True,
     ).save_pretrained(out_dir)
