@@ -347,14 +347,6 @@ class UltravoxFamily(ChatFamily):
                         truncation=False, return_attention_mask=True, return_tensors="pt")
         return out["input_features"][0, :, : int(out["attention_mask"][0].sum())]
 
-    def render_prompt(self, user: str | None = None, system: str | None = None) -> str:
-        user = self.cfg.prompt if user is None else user
-        system = self.cfg.system_prompt if system is None else system
-        content = user if self.placeholder in user else f"{self.placeholder}\n{user}"
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": content})
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
     def prepare(self, samples: list[Sample]) -> Batch:
         shortest = 2 * self.processor.feature_extractor.hop_length
         audio = []
