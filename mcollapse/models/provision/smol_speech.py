@@ -81,13 +81,6 @@ def smol_speech_dir(cache_dir: Path, window_seconds: float = DEFAULT_WINDOW_S, p
     return Path(cache_dir).expanduser() / "models" / f"smol_speech-{digest}"
 
 
-def is_smol_speech_built(
-    cache_dir: Path, window_seconds: float = DEFAULT_WINDOW_S, projector_seed: int = 0
-) -> bool:
-    """True when a complete checkpoint for these parameters is already in the cache."""
-    return (smol_speech_dir(cache_dir, window_seconds, projector_seed) / BUILD_INFO_FILE).is_file()
-
-
 def ensure_smol_speech(
     cache_dir: Path, window_seconds: float = DEFAULT_WINDOW_S, projector_seed: int = 0
 ) -> Path:
