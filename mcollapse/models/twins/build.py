@@ -23,25 +23,9 @@ import transformers
 from filelock import FileLock
 
 from mcollapse.data.base import SAMPLE_RATE
+from mcollapse.models.twins import shapes
 from mcollapse.models.twins.hf import build_tiny_llama, build_tiny_llava, build_tiny_qwen2audio
 from mcollapse.models.twins.prismatic import build_tiny_prismatic
-from mcollapse.models.twins.shapes import (
-    AUDIO_CHUNK_SECONDS,
-    AUDIO_D_MODEL,
-    AUDIO_HOP_LENGTH,
-    AUDIO_NUM_MEL_BINS,
-    IMAGE_PATCH_SIZE,
-    IMAGE_SIZE,
-    TEXT_HIDDEN_SIZE,
-    TEXT_INTERMEDIATE_SIZE,
-    TEXT_MAX_POSITIONS,
-    TEXT_NUM_HEADS,
-    TEXT_NUM_KV_HEADS,
-    TEXT_NUM_LAYERS,
-    TOKENIZER_VOCAB_SIZE,
-    VISION_HIDDEN_SIZE,
-    WEIGHT_SEED,
-)
 from mcollapse.models.twins.tokenization import (
     LLAMA3_CHAT_TEMPLATE,
     PROMPT_CORPUS,
@@ -89,13 +73,13 @@ def builder_fingerprint(name: str) -> str:
     spec = {
         "builder_version": BUILDER_VERSION,
         "name": name,
-        "seed": WEIGHT_SEED,
-        "vocab": TOKENIZER_VOCAB_SIZE,
-        "text": [TEXT_HIDDEN_SIZE, TEXT_INTERMEDIATE_SIZE, TEXT_NUM_LAYERS, TEXT_NUM_HEADS,
-                 TEXT_NUM_KV_HEADS, TEXT_MAX_POSITIONS],
-        "audio": [SAMPLE_RATE, AUDIO_NUM_MEL_BINS, AUDIO_CHUNK_SECONDS, AUDIO_HOP_LENGTH,
-                  AUDIO_D_MODEL],
-        "vision": [IMAGE_SIZE, IMAGE_PATCH_SIZE, VISION_HIDDEN_SIZE],
+        "seed": shapes.WEIGHT_SEED,
+        "vocab": shapes.TOKENIZER_VOCAB_SIZE,
+        "text": [shapes.TEXT_HIDDEN_SIZE, shapes.TEXT_INTERMEDIATE_SIZE, shapes.TEXT_NUM_LAYERS, shapes.TEXT_NUM_HEADS,
+                 shapes.TEXT_NUM_KV_HEADS, shapes.TEXT_MAX_POSITIONS],
+        "audio": [SAMPLE_RATE, shapes.AUDIO_NUM_MEL_BINS, shapes.AUDIO_CHUNK_SECONDS, shapes.AUDIO_HOP_LENGTH,
+                  shapes.AUDIO_D_MODEL],
+        "vision": [shapes.IMAGE_SIZE, shapes.IMAGE_PATCH_SIZE, shapes.VISION_HIDDEN_SIZE],
         "corpus": [PROMPT_CORPUS, PROMPT_REPEATS, TOKENIZER_CORPUS],
         "templates": [QWEN2AUDIO_CHAT_TEMPLATE, VICUNA_CHAT_TEMPLATE, LLAMA3_CHAT_TEMPLATE],
         "transformers": transformers.__version__,
