@@ -74,7 +74,8 @@ class LlmSpec:
         return math.ceil((self.vocab + 1) / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-# Prismatic's vision backbone ids with one timm ViT each (the fused DINO+SigLIP/CLIP ones are not supported).
+# Prismatic's vision backbone ids with one timm ViT each (the fused DINO+SigLIP/CLIP ones are not supported);
+# the offline twin adds its own ids to this table and to LLM_BACKBONES.
 VISION_BACKBONES = {
     "dinov2-vit-l": ViTSpec(224, 14, 1024, 24, 16, layer_scale=True, reg_tokens=4, no_embed_class=True,
                             mean=IMAGENET_MEAN, std=IMAGENET_STD,
