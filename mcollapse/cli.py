@@ -1,14 +1,13 @@
 """Command line: `mcollapse experiment=<name> model=<name> dataset=<name> [overrides]`.
 
-Hydra composes the config; this module validates it, seeds, dispatches `experiment.name` to
-`mcollapse.experiments.<name>.run`, turns user errors into one line, and keeps a failing sweep
+Hydra composes the config; this module validates it, seeds, dispatches `experiment.name` through
+the registry in mcollapse.experiments, turns user errors into one line, and keeps a failing sweep
 job from stopping the others (the sweep still exits non-zero at the end). Exit statuses are the
 EXIT_* constants of mcollapse.errors.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import sys
@@ -23,11 +22,12 @@ from omegaconf import DictConfig
 
 from mcollapse.config import register, validate
 from mcollapse.errors import EXIT_FAILED, EXIT_USER_ERROR, UserError
+from mcollapse.experiments import experiment_module
+from mcollapse.report.runs import FAILED
 from mcollapse.runtime import release_memory, seed_everything
 
 log = logging.getLogger("mcollapse")
 
-FAILURE_FILE = "failed.json"
 _failed_jobs: list[str] = []
 _job_started = False  # Hydra exits 1 on a composition error (a bad override) before any job starts
 
@@ -46,16 +46,9 @@ class SweepFailureReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        for marker in sorted(sweep_dir.rglob(FAILURE_FILE)):
+        for marker in sorted(sweep_dir.rglob(FAILED)):
             info = json.loads(marker.read_text())
             _failed_jobs.append(f"{marker.parent}: {info.get('error')}")
-
-
-def _experiment(name: str):
-    try:
-        return importlib.import_module(f"mcollapse.experiments.{name}")
-    except ModuleNotFoundError:
-        raise UserError(f"experiment '{name}' has no implementation") from None
 
 
 def _configure_console() -> None:
@@ -79,7 +72,7 @@ def _run(cfg: DictConfig) -> None:
     validate(cfg)
     seed_everything(int(cfg.seed), cfg.threads)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    _experiment(cfg.experiment.name).run(cfg, run_dir)
+    experiment_module(cfg.experiment.name).run(cfg, run_dir)
 
 
 def _is_multirun() -> bool:
@@ -105,7 +98,7 @@ def _app(cfg: DictConfig) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         log.error("job failed: %s\n%s", err, traceback.format_exc())
-        (run_dir / FAILURE_FILE).write_text(json.dumps({"error": f"{type(err).__name__}: {err}"}, indent=2))
+        (run_dir / FAILED).write_text(json.dumps({"error": f"{type(err).__name__}: {err}"}, indent=2))
     finally:
         release_memory()
 

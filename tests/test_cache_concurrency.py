@@ -17,9 +17,9 @@ import filelock
 import numpy as np
 import pytest
 
-from mcollapse.experiments.llm_side import modes, sharded_pass
 from mcollapse.extraction.cache import cache_lock
 from mcollapse.extraction.sequences import Sequences
+from mcollapse.pipeline.decoder_side import modes, sharded_pass
 from mcollapse.report.output import RunRecorder
 
 N_ROWS = 7

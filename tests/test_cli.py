@@ -115,7 +115,7 @@ def _arrays(cache: Path) -> dict:
 def test_extraction_resumes_after_kill_9_with_identical_arrays(tmp_path, env, cache_dir):
     args = ["experiment=extract", "model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
             "model.batch_size=4", "flush_every=4", "experiment.text.source=none"]
-    from mcollapse.models.tiny import ensure_tiny_checkpoint
+    from mcollapse.models.twins import ensure_tiny_checkpoint
 
     ensure_tiny_checkpoint("tiny_qwen2audio", cache_dir)
     killed_env = {**env, "MCOLLAPSE_CACHE": str(tmp_path / "killed")}
@@ -148,7 +148,7 @@ def test_extraction_resumes_after_kill_9_with_identical_arrays(tmp_path, env, ca
 @pytest.mark.slow
 def test_default_run_on_real_small_weights(tmp_path, env, shared_cache):
     """`mcollapse` with no arguments: smol_speech x synthetic_speech, offline, within minutes."""
-    from mcollapse.models.smol_speech import ensure_smol_speech
+    from mcollapse.models.provision import ensure_smol_speech
 
     ensure_smol_speech(shared_cache)  # provisioned once per machine, as a user's first run does
     cache = tmp_path / "cache"

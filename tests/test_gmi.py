@@ -202,7 +202,7 @@ def test_candidate_scores_put_each_pair_where_it_belongs():
     from types import SimpleNamespace
 
     from mcollapse.experiments.gmi import alternatives
-    from mcollapse.experiments.llm_side import candidate_scores
+    from mcollapse.pipeline.decoder_side import candidate_scores
 
     n = 9
     zs = [np.full((1 + j % 3, 2), float(j)) for j in range(n)]  # z_j carries j; lengths vary

@@ -13,15 +13,14 @@ from omegaconf import OmegaConf
 from mcollapse.cli import config_dir
 from mcollapse.config import LoraSettings
 from mcollapse.errors import UserError
-from mcollapse.experiments import lora_train
-from mcollapse.experiments.lora_task import answer_tokens, task_prompt
-from mcollapse.experiments.lora_train import Example, Trainer, answer_loss
 from mcollapse.extraction.extract import model_identity
 from mcollapse.extraction.hooks import capture
 from mcollapse.extraction.sequences import adapter_target
-from mcollapse.models import load_model
+from mcollapse.models import load_model, lora_train
 from mcollapse.models.decoder import Decoder
 from mcollapse.models.lora import attach, llm_path, target_regex
+from mcollapse.models.lora_train import Example, Trainer, answer_loss
+from mcollapse.pipeline.lora_task import answer_tokens, task_prompt
 from tests.helpers import audio_samples, model_cfg
 
 TOWERS = {"tiny_qwen2audio": "model.audio_tower.", "tiny_llava": "model.vision_tower."}

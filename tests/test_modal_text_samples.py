@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mcollapse.experiments.common import text_on_modal_samples
 from mcollapse.extraction.cache import Activations
 from mcollapse.extraction.extract import Extraction
+from mcollapse.pipeline.inputs import text_on_modal_samples
 from tests.helpers import mcollapse, only_run_dir
 
 

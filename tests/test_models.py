@@ -7,7 +7,7 @@ import torch
 
 from mcollapse.errors import UserError
 from mcollapse.models import load_model, resolve_dtype
-from mcollapse.models.tiny import ensure_tiny_checkpoint
+from mcollapse.models.twins import ensure_tiny_checkpoint
 from tests.helpers import model_cfg
 
 

@@ -320,7 +320,7 @@ class _PlantedInputs:
 
 
 def test_the_shared_basis_is_keyed_by_its_rho_normalization(tmp_path: Path, planted):
-    from mcollapse.experiments.llm_side import modes
+    from mcollapse.pipeline.decoder_side import modes
     from mcollapse.report.output import RunRecorder
 
     inputs, rec = _PlantedInputs(planted, tmp_path / "cache"), RunRecorder(tmp_path / "run", {})
@@ -345,8 +345,8 @@ def test_gradient_pass_recovers_a_planted_gradient_field_along_the_modes(tmp_pat
 
     import torch
 
-    from mcollapse.experiments.llm_side import DecoderInputs, Modes, gradients
     from mcollapse.extraction.sequences import Sequences
+    from mcollapse.pipeline.decoder_side import DecoderInputs, Modes, gradients
     from mcollapse.report.output import RunRecorder
 
     basis, alignment = fitted

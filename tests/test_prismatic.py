@@ -27,10 +27,10 @@ from mcollapse.models.prismatic import (
     ImageTransform,
     PrismaticSpec,
     PrismaticVLM,
-    build_tiny_prismatic,
     expected_shapes,
 )
 from mcollapse.models.roles import resolve_hooks
+from mcollapse.models.twins.prismatic import build_tiny_prismatic
 from tests.helpers import image_samples, model_cfg
 
 LLM_LAYER = 16
@@ -379,9 +379,8 @@ def test_single_stage_checkpoints_take_the_vit_from_timms_weights(tmp_path, cach
 
     from mcollapse.models import prismatic
 
-    vision, llm = prismatic.tiny_backbones()
-    spec = dataclasses.replace(vision["tiny-dinov2-vit"], pretrained="timm/tiny-dinov2")
-    monkeypatch.setattr(prismatic, "tiny_backbones", lambda: ({**vision, "tiny-dinov2-vit": spec}, llm))
+    spec = dataclasses.replace(prismatic.VISION_BACKBONES["tiny-dinov2-vit"], pretrained="timm/tiny-dinov2")
+    monkeypatch.setitem(prismatic.VISION_BACKBONES, "tiny-dinov2-vit", spec)
     weights = {k.removeprefix("featurizer."): v.clone() for k, v in _checkpoint(family.checkpoint)
                ["vision_backbone"].items()}
     grid = weights["pos_embed"].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)

@@ -13,11 +13,11 @@ from sklearn.metrics import log_loss
 from sklearn.model_selection import StratifiedShuffleSplit
 from sklearn.preprocessing import StandardScaler
 
+from mcollapse.analysis.logistic import fit_logistic_regression
 from mcollapse.analysis.probes import (
     ProbeOutcome,
     ProbeSettings,
     _stratified_split,
-    fit_logistic_regression,
     run_probe,
     run_probes,
 )

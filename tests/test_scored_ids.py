@@ -10,8 +10,8 @@ import pytest
 
 from mcollapse.data.base import Record
 from mcollapse.errors import UserError
-from mcollapse.experiments.llm_side import DecoderInputs, ids_digest, scored_ids
 from mcollapse.extraction.sequences import Sequences
+from mcollapse.pipeline.decoder_side import DecoderInputs, ids_digest, scored_ids
 from mcollapse.report.output import RunRecorder
 
 N_SPEAKERS, PER_SPEAKER = 20, 10

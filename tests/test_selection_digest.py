@@ -7,7 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from mcollapse.data.base import Record
-from mcollapse.experiments import common
+from mcollapse.pipeline import inputs as common
 from mcollapse.report.output import RunRecorder
 
 
@@ -32,8 +32,8 @@ def test_selection_digest_follows_the_selected_ids_and_the_dataset(monkeypatch, 
 
 
 def test_wasserstein_takes_l_only_from_a_lipschitz_run_over_the_same_selection(tmp_path):
-    from mcollapse.experiments.llm_side import lipschitz_summary_path, write_json
     from mcollapse.experiments.wasserstein import _with_lipschitz
+    from mcollapse.pipeline.decoder_side import lipschitz_summary_path, write_json
 
     cfg = SimpleNamespace(paths=SimpleNamespace(cache_dir=str(tmp_path)), model=SimpleNamespace(name="m", lora=None),
                           dataset=SimpleNamespace(name="d"), target=SimpleNamespace(name="content", reduction="sum"))

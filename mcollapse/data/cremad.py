@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from mcollapse.data.base import Record
+from mcollapse.data.base import Record, media_problem
 from mcollapse.errors import DataError
 
 LAYOUT = "<root>/AudioWAV/<ActorID>_<SentenceCode>_<Emotion>_<Level>.wav"
@@ -77,16 +77,9 @@ def load_part(root: Path) -> tuple[list[Record], Counter]:
         if isinstance(parsed, str):
             skipped[parsed] += 1
             continue
-        if path.stat().st_size == 0:
-            skipped["empty file"] += 1
+        problem = media_problem(path, "audio")
+        if problem:
+            skipped[problem] += 1
             continue
-        records.append(
-            Record(
-                id=path.stem,
-                path=path.resolve(),
-                modality="audio",
-                text=SENTENCES[parsed["sentence_code"]],
-                fields=parsed,
-            )
-        )
+        records.append(Record(path.stem, path.resolve(), "audio", SENTENCES[parsed["sentence_code"]], parsed))
     return records, skipped

@@ -6,7 +6,7 @@ import csv
 from collections import Counter
 from pathlib import Path
 
-from mcollapse.data.base import Record
+from mcollapse.data.base import Record, media_problem
 from mcollapse.errors import DataError
 
 LAYOUT = (
@@ -38,19 +38,10 @@ def load_part(root: Path) -> tuple[list[Record], Counter]:
             skipped["malformed meta row"] += 1
             continue
         path = root / "audio" / filename
-        if not path.is_file():
-            skipped["missing audio file"] += 1
+        problem = media_problem(path, "audio")
+        if problem:
+            skipped[problem] += 1
             continue
-        if path.stat().st_size == 0:
-            skipped["empty file"] += 1
-            continue
-        records.append(
-            Record(
-                id=Path(filename).stem,
-                path=path.resolve(),
-                modality="audio",
-                text=None,
-                fields={"sound_class": category, "fold": fold},
-            )
-        )
+        fields = {"sound_class": category, "fold": fold}
+        records.append(Record(Path(filename).stem, path.resolve(), "audio", None, fields))
     return records, skipped

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mcollapse.data.base import SAMPLE_RATE
 from mcollapse.data.cremad import SENTENCES
 from mcollapse.data.esc50 import META_COLUMNS
 from mcollapse.errors import UserError
@@ -61,7 +62,7 @@ EMOTION_PROSODY = {
     "DIS": (-8, -25, 10),
 }
 SOUND_CLASSES = ("tone", "chirp", "noise_burst", "click_train", "hum")
-SPEECH_RATE = 16_000
+
 SOUND_RATE = 44_100
 
 
@@ -129,8 +130,8 @@ def _speak(binary: str, clip: dict, scratch: Path, audio_dir: Path) -> None:
     audio, rate = sf.read(str(raw), dtype="float32")
     if audio.ndim > 1:
         audio = audio.mean(axis=1)
-    audio = soxr.resample(audio, rate, SPEECH_RATE, quality="HQ")
-    sf.write(audio_dir / raw.name, np.clip(audio, -1.0, 1.0), SPEECH_RATE, subtype="PCM_16")
+    audio = soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ")
+    sf.write(audio_dir / raw.name, np.clip(audio, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16")
     raw.unlink()
 
 

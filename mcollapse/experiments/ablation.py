@@ -17,17 +17,9 @@ import torch
 
 from mcollapse.analysis.ablation import VARIANTS, conditions, empty_controls, project_out, summarise, variance_share
 from mcollapse.errors import UserError
-from mcollapse.experiments.common import recorder, selected_records
-from mcollapse.experiments.llm_side import (
-    batch_size_of,
-    decoder_inputs,
-    eigenbasis_for,
-    ids_digest,
-    scored_ids,
-    sharded_pass,
-)
-from mcollapse.extraction.cache import cache_key
 from mcollapse.models.decoder import compose, pad_sequences
+from mcollapse.pipeline.decoder_side import batch_size_of, scored_ids
+from mcollapse.pipeline.mode_edits import cached_pass, start_mode_edits
 from mcollapse.report.decoder_figures import ablation_figure, print_ablation_table
 
 log = logging.getLogger(__name__)
@@ -38,10 +30,9 @@ def run(cfg, run_dir: Path) -> dict:
     unknown = set(exp.variants) - set(VARIANTS)
     if unknown or not exp.variants:
         raise UserError(f"experiment.variants must be a non-empty subset of {list(VARIANTS)}, got {list(exp.variants)}")
-    rec = recorder(cfg, run_dir)
-    selection = selected_records(cfg, rec)
-    inputs = decoder_inputs(cfg, rec, selection)
-    basis, alignment, basis_source = eigenbasis_for(cfg, inputs, rec)
+    edits = start_mode_edits(cfg, run_dir)
+    rec, inputs = edits.rec, edits.inputs
+    basis, alignment, basis_source = edits.basis, edits.alignment, edits.basis_source
     conds = conditions(alignment.is_ms, basis.eigenvalues, n_random=int(exp.n_random), seed=int(cfg.seed),
                        ms_k=[int(k) for k in exp.ms_k])
     if not conds:
@@ -71,11 +62,8 @@ def run(cfg, run_dir: Path) -> dict:
 
     order = np.argsort([len(a) for a in seqs.arrays], kind="stable")
     batches = [order[s : s + batch] for s in range(0, len(order), batch)]
-    key = cache_key({"kind": "ablation", "sequences": inputs.decoder_key, "ids": ids_digest(ids),
-                     "basis": basis_source, "target": target.name,
-                     "columns": [(name, list(c.modes) if c else None) for name, _, c in columns],
-                     "reduction": target.reduction, "batch": batch, "dtype": str(inputs.family.dtype)})
-    table = sharded_pass(rec, inputs.cache_dir / "ablation" / key, batches, "ablation", losses)("losses")
+    table = cached_pass(cfg, edits, "ablation", ids, batches, losses,
+                        columns=[(name, list(c.modes) if c else None) for name, _, c in columns])("losses")
 
     with rec.stage("statistics"):
         results = condition_summaries(table, columns, conds, exp.variants, basis.eigenvalues)

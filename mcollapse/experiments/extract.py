@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mcollapse.experiments.common import modal_and_text, recorder, selected_records
+from mcollapse.pipeline.inputs import modal_and_text, recorder, selected_records
 
 
 def run(cfg, run_dir: Path) -> dict:

@@ -27,8 +27,8 @@ from mcollapse.analysis.lipschitz import diameter, effective_diameter, gradient_
 from mcollapse.analysis.probes import run_probes
 from mcollapse.data.labels import derive_labels
 from mcollapse.errors import UserError
-from mcollapse.experiments.common import recorder, selected_records
-from mcollapse.experiments.llm_side import (
+from mcollapse.experiments.probe import settings_from
+from mcollapse.pipeline.decoder_side import (
     batch_size_of,
     candidate_scores,
     decoder_inputs,
@@ -36,7 +36,7 @@ from mcollapse.experiments.llm_side import (
     modes,
     scored_ids,
 )
-from mcollapse.experiments.probe import settings_from
+from mcollapse.pipeline.inputs import recorder, selected_records
 from mcollapse.report.decoder_figures import gmi_figure, print_metrics
 
 

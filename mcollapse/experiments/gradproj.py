@@ -13,8 +13,8 @@ from pathlib import Path
 
 from mcollapse.analysis.modes import gradient_isotropy
 from mcollapse.errors import UserError
-from mcollapse.experiments.common import recorder, selected_records
-from mcollapse.experiments.llm_side import batch_size_of, decoder_inputs, gradients, modes, scored_ids
+from mcollapse.pipeline.decoder_side import batch_size_of, decoder_inputs, gradients, modes, scored_ids
+from mcollapse.pipeline.inputs import recorder, selected_records
 from mcollapse.report.decoder_figures import gradproj_figure, print_metrics
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,7 @@ from mcollapse.analysis.lipschitz import (
     secant_lipschitz,
 )
 from mcollapse.errors import UserError
-from mcollapse.experiments.common import recorder, selected_records
-from mcollapse.experiments.llm_side import (
+from mcollapse.pipeline.decoder_side import (
     batch_size_of,
     decoder_inputs,
     gradients,
@@ -39,6 +38,7 @@ from mcollapse.experiments.llm_side import (
     secant_scores,
     write_json,
 )
+from mcollapse.pipeline.inputs import recorder, selected_records
 from mcollapse.report.decoder_figures import lipschitz_histogram, print_metrics
 
 log = logging.getLogger(__name__)

@@ -30,10 +30,6 @@ from mcollapse.analysis.answers import task_scores
 from mcollapse.analysis.splits import group_split
 from mcollapse.data.labels import derive_labels
 from mcollapse.errors import UserError
-from mcollapse.experiments.common import recorder, selected_records
-from mcollapse.experiments.llm_side import write_json
-from mcollapse.experiments.lora_task import answer_tokens, evaluate, task_prompt
-from mcollapse.experiments.lora_train import Example, Trainer, answer_loss
 from mcollapse.experiments.probe import probe_inputs
 from mcollapse.extraction.cache import cache_key
 from mcollapse.extraction.extract import extract_modal, model_identity
@@ -41,6 +37,10 @@ from mcollapse.extraction.sequences import adapter_sequences
 from mcollapse.models import load_model
 from mcollapse.models.decoder import Decoder
 from mcollapse.models.lora import attach
+from mcollapse.models.lora_train import Example, Trainer, answer_loss
+from mcollapse.pipeline.decoder_side import write_json
+from mcollapse.pipeline.inputs import recorder, selected_records
+from mcollapse.pipeline.lora_task import answer_tokens, evaluate, task_prompt
 from mcollapse.report.lora_report import confusion_figure, print_lora_table, probe_change_figure, training_figure
 from mcollapse.runtime import release_memory
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from mcollapse.experiments.common import recorder, selected_records
-from mcollapse.experiments.llm_side import decoder_inputs, modes
+from mcollapse.pipeline.decoder_side import decoder_inputs, modes
+from mcollapse.pipeline.inputs import recorder, selected_records
 from mcollapse.report.decoder_figures import mode_alignment_figure, print_metrics
 
 SHOWN = ["n_modes", "n_ms", "n_ta", "rho_0", "mean_rho_top10", "rho_normalised_0", "mean_rho_normalised_top10",

@@ -20,17 +20,9 @@ from mcollapse.analysis.stats import paired_t
 from mcollapse.analysis.swap import draw_partners, kl_per_position, swap_shift
 from mcollapse.data.labels import derive_labels
 from mcollapse.errors import UserError
-from mcollapse.experiments.common import recorder, selected_records
-from mcollapse.experiments.llm_side import (
-    batch_size_of,
-    decoder_inputs,
-    eigenbasis_for,
-    ids_digest,
-    scored_ids,
-    sharded_pass,
-)
-from mcollapse.extraction.cache import cache_key
 from mcollapse.models.decoder import IGNORE, compose, pad_sequences
+from mcollapse.pipeline.decoder_side import batch_size_of, scored_ids
+from mcollapse.pipeline.mode_edits import cached_pass, start_mode_edits
 from mcollapse.report.decoder_figures import msswap_figure, print_metrics
 
 SUBSPACES = ("MS", "TA")
@@ -48,10 +40,9 @@ def _groups(cfg, selection, ids) -> dict[str, str]:
 
 def run(cfg, run_dir: Path) -> dict:
     exp, target = cfg.experiment, cfg.target
-    rec = recorder(cfg, run_dir)
-    selection = selected_records(cfg, rec)
-    inputs = decoder_inputs(cfg, rec, selection)
-    basis, alignment, basis_source = eigenbasis_for(cfg, inputs, rec)
+    edits = start_mode_edits(cfg, run_dir)
+    rec, selection, inputs = edits.rec, edits.selection, edits.inputs
+    basis, alignment, basis_source = edits.basis, edits.alignment, edits.basis_source
     if alignment.n_ms == 0 or alignment.n_ta == 0:
         raise UserError(f"msswap needs MS and TA modes; the basis has {alignment.n_ms} MS and {alignment.n_ta} TA "
                         f"(ms_threshold={alignment.ms_threshold}, rho_normalization={alignment.rho_normalization})")
@@ -82,10 +73,8 @@ def run(cfg, run_dir: Path) -> dict:
 
     batch = batch_size_of(cfg)
     batches = [np.arange(s, min(s + batch, len(ids))) for s in range(0, len(ids), batch)]
-    key = cache_key({"kind": "msswap", "sequences": inputs.decoder_key, "ids": ids_digest(ids), "basis": basis_source,
-                     "group_by": str(exp.group_by), "n_draws": n_draws, "seed": int(cfg.seed), "target": target.name,
-                     "reduction": target.reduction, "batch": batch, "dtype": str(inputs.family.dtype)})
-    gather = sharded_pass(rec, inputs.cache_dir / "msswap" / key, batches, "msswap", measure)
+    gather = cached_pass(cfg, edits, "msswap", ids, batches, measure, group_by=str(exp.group_by), n_draws=n_draws,
+                         seed=int(cfg.seed))
     data = {name: gather(name) for name in ["loss_base"] + [f"{k}_{s}" for k in ("kl", "dce", "shift")
                                                                for s in SUBSPACES]}
     with rec.stage("statistics"):

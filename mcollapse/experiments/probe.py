@@ -10,15 +10,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mcollapse.analysis.probes import ProbeOutcome, ProbeSettings, retention, run_probes
+from mcollapse.analysis.probes import METRICS, ProbeOutcome, ProbeSettings, retention, run_probes
 from mcollapse.data.labels import derive_labels
 from mcollapse.errors import NothingMeasured, UserError
-from mcollapse.experiments.common import modal_and_text, recorder, selected_records
+from mcollapse.pipeline.inputs import modal_and_text, recorder, selected_records
 from mcollapse.report.probe_report import print_probe_table, probe_figure
 
 log = logging.getLogger(__name__)
-
-METRICS = ("accuracy", "macro_f1", "balanced_accuracy")
 
 
 def settings_from(cfg) -> ProbeSettings:

@@ -21,9 +21,9 @@ from rich.table import Table  # noqa: E402
 
 from mcollapse.analysis.wasserstein import fit_pca_basis, w1_between  # noqa: E402
 from mcollapse.errors import UserError  # noqa: E402
-from mcollapse.experiments.common import modal_and_text, recorder, selected_records  # noqa: E402
-from mcollapse.experiments.llm_side import lipschitz_summary_path  # noqa: E402
 from mcollapse.models.roles import hook_name  # noqa: E402
+from mcollapse.pipeline.decoder_side import lipschitz_summary_path  # noqa: E402
+from mcollapse.pipeline.inputs import modal_and_text, recorder, selected_records  # noqa: E402
 
 log = logging.getLogger(__name__)
 

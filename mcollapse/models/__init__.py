@@ -42,10 +42,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def build_offline(build: str, cfg, cache_dir: Path) -> Path:
     """Checkpoints made on this machine (no hub): tiny twins and the embedded default."""
     if build == "smol_speech":
-        from mcollapse.models.smol_speech import DEFAULT_WINDOW_S, ensure_smol_speech
+        from mcollapse.models.provision import DEFAULT_WINDOW_S, ensure_smol_speech
 
         return ensure_smol_speech(cache_dir, window_seconds=float(cfg.audio_window_s or DEFAULT_WINDOW_S))
-    from mcollapse.models.tiny import TINY_MODELS, ensure_tiny_checkpoint
+    from mcollapse.models.twins import TINY_MODELS, ensure_tiny_checkpoint
 
     if build in TINY_MODELS:
         return ensure_tiny_checkpoint(build, cache_dir)

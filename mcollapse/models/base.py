@@ -120,15 +120,43 @@ class ChatFamily(ModelFamily):
     """Shared text handling for families whose prompt has one modality placeholder."""
 
     placeholder: str = ""
+    model_class: type | None = None  # the transformers class a checkpoint in its published format loads with
 
     @property
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor)
 
-    @abstractmethod
+    def _load_model(self) -> nn.Module:
+        """A checkpoint in transformers' format, through the family's model class."""
+        return self.model_class.from_pretrained(self.checkpoint, **self.from_pretrained_kwargs())
+
+    def _load_processor(self):
+        """The checkpoint's own processor, padding on the right so each row keeps its positions."""
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(self.checkpoint, **self.hub_kwargs())
+        processor.tokenizer.padding_side = "right"
+        return processor
+
+    def configured_prompt(self, user: str | None, system: str | None) -> tuple[str, str | None]:
+        """`user` and `system`, or the configured prompt and system prompt where they are None."""
+        return (self.cfg.prompt if user is None else user), (self.cfg.system_prompt if system is None else system)
+
+    def user_content(self, user: str) -> str | list[dict]:
+        """The user turn: the message with the placeholder in front, unless it already holds one."""
+        return user if self.placeholder in user else f"{self.placeholder}\n{user}"
+
     def render_prompt(self, user: str | None = None, system: str | None = None) -> str:
         """The full prompt text with exactly one `self.placeholder` where the media goes; `user` and
-        `system` replace the configured prompt and system prompt (an empty system: none)."""
+        `system` replace the configured prompt and system prompt (an empty system: none).
+
+        By default a system turn (when there is one) and the user turn, through the checkpoint's chat template
+        (the processor's, or the tokenizer's when the processor has none)."""
+        user, system = self.configured_prompt(user, system)
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": self.user_content(user)})
+        templater = self.processor if hasattr(self.processor, "apply_chat_template") else self.tokenizer
+        return templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def _adds_bos(self) -> bool:
         tok = self.tokenizer

@@ -13,9 +13,7 @@ class CausalLMFamily(ChatFamily):
     """Fed the bare transcript or caption (BOS added by the tokenizer), as the paper's baselines."""
 
     modality = "text"
-
-    def _load_model(self):
-        return AutoModelForCausalLM.from_pretrained(self.checkpoint, **self.from_pretrained_kwargs())
+    model_class = AutoModelForCausalLM
 
     def _load_processor(self):
         tokenizer = AutoTokenizer.from_pretrained(self.checkpoint, **self.hub_kwargs())

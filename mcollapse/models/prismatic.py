@@ -1,4 +1,4 @@
-"""TRI-ML Prismatic VLMs (ViT vision backbone, MLP projector, Vicuna v1.5), loaded natively, and their offline twin.
+"""TRI-ML Prismatic VLMs (ViT vision backbone, MLP projector, Vicuna v1.5), loaded natively.
 
 A Prismatic run dir holds `config.json`, whose "model" section names the vision backbone, the LLM backbone, the
 projector (`arch_specifier`) and the image resize strategy, and `checkpoints/latest-checkpoint.pt`, a torch file
@@ -74,7 +74,8 @@ class LlmSpec:
         return math.ceil((self.vocab + 1) / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-# Prismatic's vision backbone ids with one timm ViT each (the fused DINO+SigLIP/CLIP ones are not supported).
+# Prismatic's vision backbone ids with one timm ViT each (the fused DINO+SigLIP/CLIP ones are not supported);
+# the offline twin adds its own ids to this table and to LLM_BACKBONES.
 VISION_BACKBONES = {
     "dinov2-vit-l": ViTSpec(224, 14, 1024, 24, 16, layer_scale=True, reg_tokens=4, no_embed_class=True,
                             mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -104,27 +105,6 @@ LLM_BACKBONES = {
     "vicuna-v15-13b": LlmSpec(5120, 13824, 40, 40, 40, 32000, tokenizer="lmsys/vicuna-13b-v1.5"),
 }
 
-TINY_LLM_BACKBONE = "tiny-vicuna"
-
-
-def tiny_backbones() -> tuple[dict[str, ViTSpec], dict[str, LlmSpec]]:
-    """The offline twin's backbones, a DINOv2-style and a SigLIP-style ViT and a Vicuna-shaped LLM, from the shared
-    tiny shapes (imported here, not at the top: mcollapse.models.tiny imports this module)."""
-    from mcollapse.models import tiny
-
-    common = dict(image_size=tiny.IMAGE_SIZE, patch_size=tiny.IMAGE_PATCH_SIZE, width=tiny.VISION_HIDDEN_SIZE,
-                  depth=3, heads=4)
-    vision = {
-        "tiny-dinov2-vit": ViTSpec(**common, layer_scale=True, reg_tokens=2, no_embed_class=True,
-                                   mean=IMAGENET_MEAN, std=IMAGENET_STD),
-        "tiny-siglip-vit": ViTSpec(**common, mlp_ratio=2.0, class_token=False, attention_pool=True),
-    }
-    llm = {TINY_LLM_BACKBONE: LlmSpec(tiny.TEXT_HIDDEN_SIZE, tiny.TEXT_INTERMEDIATE_SIZE, tiny.TEXT_NUM_LAYERS,
-                                      tiny.TEXT_NUM_HEADS, tiny.TEXT_NUM_KV_HEADS, tiny.TOKENIZER_VOCAB_SIZE,
-                                      max_positions=tiny.TEXT_MAX_POSITIONS)}
-    return vision, llm
-
-
 def projector_kind(arch_specifier: str) -> str:
     """Prismatic's rule: exactly `linear`, or a name ending in `fused-gelu-mlp` / `gelu-mlp` (`no-align+gelu-mlp`)."""
     if arch_specifier == "linear":
@@ -151,8 +131,7 @@ class PrismaticSpec:
     @classmethod
     def from_ids(cls, model_id: str, vision_backbone_id: str, llm_backbone_id: str, arch_specifier: str,
                  image_resize_strategy: str) -> "PrismaticSpec":
-        tiny_vision, tiny_llm = tiny_backbones()
-        visions, llms = {**VISION_BACKBONES, **tiny_vision}, {**LLM_BACKBONES, **tiny_llm}
+        visions, llms = VISION_BACKBONES, LLM_BACKBONES
         if vision_backbone_id not in visions:
             raise UserError(f"Prismatic vision_backbone_id '{vision_backbone_id}' is not supported "
                             f"(expected one of {', '.join(visions)})")
@@ -516,22 +495,3 @@ class PrismaticFamily(ChatFamily):
             token_mask=attention.bool(),
             modal_token_mask=input_ids == self.placeholder_id,
         )
-
-
-# --- the offline twin ----------------------------------------------------------------------------------------
-
-
-def build_tiny_prismatic(out_dir: Path, vision_backbone_id: str = "tiny-dinov2-vit",
-                         arch_specifier: str = "no-align+gelu-mlp", image_resize_strategy: str = "letterbox",
-                         with_vision: bool = True) -> None:
-    """A Prismatic run dir with random weights: tiny DINOv2-style ViT (32 px, patch 8, 2 registers), gelu-mlp
-    projector, 18-layer Vicuna-shaped Llama; the Llama tokenizer's special tokens without a pad token (the loader
-    adds `<PAD>`, as for Vicuna), saved beside the checkpoint because there is no hub repo to take it from."""
-    from mcollapse.models import tiny
-
-    roles = tiny.TokenizerRoles(special_tokens=("<unk>", "<s>", "</s>"), bos_token="<s>", eos_token="</s>",
-                                pad_token=None, unk_token="<unk>", prepend_bos=True)
-    tiny.train_tokenizer(roles).save_pretrained(out_dir)
-    spec = PrismaticSpec.from_ids("tiny-prismatic", vision_backbone_id, TINY_LLM_BACKBONE, arch_specifier,
-                                  image_resize_strategy)
-    save_prismatic(tiny.seeded_float32_model(PrismaticVLM, spec), spec, out_dir, with_vision=with_vision)

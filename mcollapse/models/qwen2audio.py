@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+from transformers import Qwen2AudioForConditionalGeneration
 
 from mcollapse.data.base import SAMPLE_RATE, Sample
 from mcollapse.models.base import Batch, ChatFamily
@@ -20,14 +20,7 @@ class Qwen2AudioFamily(ChatFamily):
     modality = "audio"
     cuts_long_audio = True  # as Qwen2-Audio's processor does
     placeholder = "<|AUDIO|>"
-
-    def _load_model(self):
-        return Qwen2AudioForConditionalGeneration.from_pretrained(self.checkpoint, **self.from_pretrained_kwargs())
-
-    def _load_processor(self):
-        processor = AutoProcessor.from_pretrained(self.checkpoint, **self.hub_kwargs())
-        processor.tokenizer.padding_side = "right"
-        return processor
+    model_class = Qwen2AudioForConditionalGeneration
 
     @property
     def placeholder_id(self) -> int:
@@ -37,15 +30,9 @@ class Qwen2AudioFamily(ChatFamily):
     def window_samples(self) -> int:
         return int(self.processor.feature_extractor.n_samples)
 
-    def render_prompt(self, user: str | None = None, system: str | None = None) -> str:
-        user = self.cfg.prompt if user is None else user
-        system = self.cfg.system_prompt if system is None else system
-        messages = []
-        if system:
-            messages.append({"role": "system", "content": system})
-        content = [{"type": "audio", "audio_url": "audio"}, {"type": "text", "text": user}]
-        messages.append({"role": "user", "content": content})
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def user_content(self, user: str) -> list[dict]:
+        """Qwen2-Audio's turn: the audio entry, then the message."""
+        return [{"type": "audio", "audio_url": "audio"}, {"type": "text", "text": user}]
 
     def prepare(self, samples: list[Sample]) -> Batch:
         """Clips longer than the encoder window are cut to it (the extraction counts them)."""

@@ -33,7 +33,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    LlamaConfig,
     WhisperConfig,
     WhisperFeatureExtractor,
 )
@@ -348,14 +347,6 @@ class UltravoxFamily(ChatFamily):
                         truncation=False, return_attention_mask=True, return_tensors="pt")
         return out["input_features"][0, :, : int(out["attention_mask"][0].sum())]
 
-    def render_prompt(self, user: str | None = None, system: str | None = None) -> str:
-        user = self.cfg.prompt if user is None else user
-        system = self.cfg.system_prompt if system is None else system
-        content = user if self.placeholder in user else f"{self.placeholder}\n{user}"
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": content})
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
     def prepare(self, samples: list[Sample]) -> Batch:
         shortest = 2 * self.processor.feature_extractor.hop_length
         audio = []
@@ -380,37 +371,3 @@ class UltravoxFamily(ChatFamily):
                              "audio_token_mask": batch.modal_token_mask})
         batch.frame_lengths, batch.encoder_frame_lengths = tokens, encoder_lengths
         return batch
-
-
-def build_tiny_ultravox(out_dir: Path) -> None:
-    """Ultravox twin in the published layout: config.json (model_type ultravox) and
-    model.safetensors with the encoder and projector; the LLM in the folder `text_model_id` names."""
-    from safetensors.torch import save_file
-
-    from mcollapse.models import tiny
-
-    tokenizer = tiny.train_tokenizer(tiny.LLAMA3_TOKENIZER)
-    tokenizer.chat_template = tiny.LLAMA3_CHAT_TEMPLATE
-    audio_config = WhisperConfig(
-        num_mel_bins=tiny.AUDIO_NUM_MEL_BINS, d_model=tiny.AUDIO_D_MODEL, encoder_layers=2, encoder_attention_heads=4,
-        encoder_ffn_dim=64, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64, vocab_size=64,
-        max_source_positions=tiny.AUDIO_MAX_SOURCE_POSITIONS, max_target_positions=16, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, decoder_start_token_id=1, begin_suppress_tokens=None, suppress_tokens=None,
-    )
-    text_config = tiny.tiny_text_config(LlamaConfig, tokenizer)
-    config = UltravoxConfig(audio_config=audio_config, text_config=text_config, stack_factor=8, hidden_size=64,
-                            projector_act="swiglu", projector_ln_mid=True, norm_init=0.4, text_model_id="text_model")
-    model = tiny.seeded_float32_model(UltravoxModel, config)
-    tower_and_projector = {k: v.contiguous() for k, v in model.state_dict().items()
-                           if not k.startswith(PREFIXES["text"])}
-    save_file(tower_and_projector, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    published = {"model_type": "ultravox", "architectures": ["UltravoxModel"], "audio_config": audio_config.to_dict(),
-                 "text_model_id": "text_model", "stack_factor": 8, "hidden_size": 64, "projector_act": "swiglu",
-                 "projector_ln_mid": True, "norm_init": 0.4, "ignore_index": -100}
-    (out_dir / "config.json").write_text(json.dumps(published, indent=2))
-    model.language_model.save_pretrained(out_dir / "text_model")
-    tokenizer.save_pretrained(out_dir)
-    WhisperFeatureExtractor(
-        feature_size=tiny.AUDIO_NUM_MEL_BINS, sampling_rate=tiny.AUDIO_SAMPLING_RATE, hop_length=tiny.AUDIO_HOP_LENGTH,
-        chunk_length=tiny.AUDIO_CHUNK_SECONDS, n_fft=400, padding_value=0.0, return_attention_mask=True,
-    ).save_pretrained(out_dir)

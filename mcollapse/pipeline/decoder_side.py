@@ -33,13 +33,13 @@ from mcollapse.analysis.modes import (
 from mcollapse.data import select
 from mcollapse.data.base import Record
 from mcollapse.errors import UserError
-from mcollapse.experiments.common import Selection
 from mcollapse.extraction.cache import cache_key, cache_lock
 from mcollapse.extraction.extract import longer_than
 from mcollapse.extraction.sequences import Sequences, adapter_sequences
 from mcollapse.models import load_model
 from mcollapse.models.base import ModelFamily
 from mcollapse.models.decoder import Decoder, compose, pad_sequences
+from mcollapse.pipeline.inputs import Selection
 from mcollapse.progress import progress_bar
 from mcollapse.report.output import RunRecorder
 
