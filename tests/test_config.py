@@ -178,3 +178,9 @@ def test_lora_settings_are_composed_only_for_the_lora_experiment():
     assert _compose(["experiment=lora", "lora=cpu_small"]).lora.last_layers == 10
     with pytest.raises(ConfigCompositionException):
         _compose(["experiment=probe", "lora=cpu_small"])
+
+
+def test_hook_modality_is_the_default_hooks_pooled_over_modality_positions():
+    preset, default = _compose(["hook=modality"]).hook, _compose(["hook.pooling=modality"]).hook
+    assert preset.pooling == default.pooling == "modality"
+    assert {k: v for k, v in preset.items() if k != "name"} == {k: v for k, v in default.items() if k != "name"}
