@@ -44,6 +44,7 @@ class ModelConfig:
     )
     build: Optional[str] = None  # offline builder name (tiny_*, smol_speech) when no hub checkpoint
     lora: Optional[str] = None  # a saved LoRA adapter dir (experiment=lora writes one), merged at load
+    small: bool = False  # an offline twin: threads=auto runs it on one thread (see mcollapse.runtime)
 
 
 @dataclass
@@ -133,7 +134,7 @@ class RunConfig:
     seed: int = 42
     device: str = "auto"
     strict: bool = False
-    threads: Optional[int] = None
+    threads: Any = "auto"  # auto | null (torch's default) | a count; checked by validate
     flush_every: int = 64
 
 
@@ -224,13 +225,17 @@ def _gradients(gradients) -> None:
             _at_least(f"gradients.{key}", gradients[key], 1)
 
 
+def _threads(threads) -> None:
+    if threads not in ("auto", None):
+        _at_least("threads", threads, 1)
+
+
 def validate(cfg) -> None:
     """Refuse values that cannot work before any data is read or model loaded, one line each
     (a negative probe.C used to fail only after extraction, with a traceback)."""
     _device(str(cfg.device))
     _at_least("flush_every", cfg.flush_every, 1)
-    if cfg.threads is not None:
-        _at_least("threads", cfg.threads, 1)
+    _threads(cfg.threads)
     probe = cfg.probe
     if (probe.C is None) == (probe.weight_decay is None):
         raise UserError("set exactly one of probe.C and probe.weight_decay (probe=reference uses weight_decay)")

@@ -98,6 +98,7 @@ def test_seed_must_be_an_integer(seed):
         (["modes.rho_normalization=l2"], r"modes.rho_normalization must be one of none, trace, got 'l2'"),
         (["modes.thresholds=[0.5,-1]"], r"modes.thresholds must be > 0, got -1"),
         (["gradients.n_samples=0"], r"gradients.n_samples must be >= 1, got 0"),
+        (["threads=many"], r"threads must be >= 1, got many"),
         (["experiment=lipschitz", "experiment.robust_quantile=1.5"],
          r"experiment.robust_quantile must be in \(0, 1\], got 1.5"),
         (["experiment=lora", "experiment.val=0.5", "experiment.test=0.6"],
@@ -138,6 +139,7 @@ def test_cuda_without_cuda_is_one_line(monkeypatch):
 @pytest.mark.parametrize("overrides", [["experiment=wasserstein", "experiment.n_bootstrap=0"],
                                        ["experiment=gmi", "experiment.n_samples=null"],
                                        ["experiment=lipschitz", "gradients.n_samples=null"],
+                                       ["threads=null"], ["threads=auto"], ["threads=3"],
                                        ["experiment=lipschitz", "experiment.secant_samples=0"]])
 def test_values_that_mean_none_or_all_are_accepted(overrides):
     from mcollapse.config import validate
@@ -184,3 +186,18 @@ def test_hook_modality_is_the_default_hooks_pooled_over_modality_positions():
     preset, default = _compose(["hook=modality"]).hook, _compose(["hook.pooling=modality"]).hook
     assert preset.pooling == default.pooling == "modality"
     assert {k: v for k, v in preset.items() if k != "name"} == {k: v for k, v in default.items() if k != "name"}
+
+
+@pytest.mark.parametrize(("threads", "small", "expected"), [("auto", True, 1), ("auto", False, None), (None, True, None),
+                                                            (3, True, 3)])
+def test_threads_auto_gives_the_twins_one_thread(threads, small, expected):
+    from mcollapse.runtime import thread_count
+
+    assert thread_count(threads, small) == expected
+
+
+def test_the_twins_are_marked_small_and_real_models_are_not():
+    from pathlib import Path
+
+    for path in (Path(config_dir()) / "model").glob("*.yaml"):
+        assert _compose([f"model={path.stem}"]).model.small == path.stem.startswith("tiny_"), path
