@@ -188,8 +188,8 @@ def test_hook_modality_is_the_default_hooks_pooled_over_modality_positions():
     assert {k: v for k, v in preset.items() if k != "name"} == {k: v for k, v in default.items() if k != "name"}
 
 
-@pytest.mark.parametrize(("threads", "small", "expected"), [("auto", True, 1), ("auto", False, None), (None, True, None),
-                                                            (3, True, 3)])
+@pytest.mark.parametrize(("threads", "small", "expected"),
+                         [("auto", True, 1), ("auto", False, None), (None, True, None), (3, True, 3)])
 def test_threads_auto_gives_the_twins_one_thread(threads, small, expected):
     from mcollapse.runtime import thread_count
 
