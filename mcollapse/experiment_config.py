@@ -58,18 +58,14 @@ class ScoredExperiment(ExperimentConfig):
 
 
 @dataclass
-class ProbeExperiment(ExperimentConfig):
+class TextSideExperiment(ExperimentConfig):
+    """Experiments that also read the texts (transcripts, captions) through an LLM: probe, extract."""
+
     text: TextSide = field(default_factory=TextSide)
 
 
 @dataclass
-class ExtractExperiment(ExperimentConfig):
-    text: TextSide = field(default_factory=TextSide)
-
-
-@dataclass
-class WassersteinExperiment(ExperimentConfig):
-    text: TextSide = field(default_factory=TextSide)
+class WassersteinExperiment(TextSideExperiment):
     hook: str = "llm_layer"  # llm_layer | llm_final
     pca_dims: int = 256
     n_bootstrap: int = 200  # 0: W1 without intervals
@@ -154,7 +150,7 @@ class VerifySettings:
 
 
 EXPERIMENTS = {
-    "probe": ProbeExperiment, "extract": ExtractExperiment, "wasserstein": WassersteinExperiment,
+    "probe": TextSideExperiment, "extract": TextSideExperiment, "wasserstein": WassersteinExperiment,
     "lipschitz": LipschitzExperiment, "gradproj": GradprojExperiment, "gmi": GmiExperiment,
     "modes": ExperimentConfig, "ablation": AblationExperiment, "msswap": MsswapExperiment,
     "lora": LoraExperiment, "report": ReportExperiment, "verify": ReportExperiment,
