@@ -33,7 +33,7 @@ from mcollapse.extraction.hooks import capture
 from mcollapse.extraction.sequences import adapter_target
 from mcollapse.models import load_model
 from mcollapse.models.decoder import Decoder, compose, pad_sequences
-from mcollapse.runtime import seed_everything
+from mcollapse.runtime import seed_everything, set_threads
 
 
 def model_cfg(name: str):
@@ -128,7 +128,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side; the best one counts")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 keeps torch's default)")
     args = parser.parse_args()
-    seed_everything(0, args.threads)
+    seed_everything(0)
+    set_threads(args.threads, small_model=False)
     cache = Path(os.environ.get("MCOLLAPSE_CACHE", Path(tempfile.gettempdir()) / "mcollapse-bench"))
     family = load_model(model_cfg(args.model), cache, "cpu")
     decoder = Decoder(family)  # freezes the weights: both sides differentiate w.r.t. z only

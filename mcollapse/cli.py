@@ -24,7 +24,7 @@ from mcollapse.config import register, validate
 from mcollapse.errors import EXIT_FAILED, EXIT_USER_ERROR, UserError
 from mcollapse.experiments import experiment_module
 from mcollapse.report.runs import FAILED
-from mcollapse.runtime import release_memory, seed_everything
+from mcollapse.runtime import release_memory, seed_everything, set_threads
 
 log = logging.getLogger("mcollapse")
 
@@ -70,7 +70,8 @@ def _configure_console() -> None:
 def _run(cfg: DictConfig) -> None:
     _configure_console()
     validate(cfg)
-    seed_everything(int(cfg.seed), cfg.threads)
+    seed_everything(cfg.seed)
+    set_threads(cfg.threads, cfg.model.small)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     experiment_module(cfg.experiment.name).run(cfg, run_dir)
 

@@ -14,6 +14,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from mcollapse import experiment_config
+from mcollapse.analysis.modes import RHO_NORMALIZATIONS
 from mcollapse.errors import UserError
 
 
@@ -42,6 +44,7 @@ class ModelConfig:
     )
     build: Optional[str] = None  # offline builder name (tiny_*, smol_speech) when no hub checkpoint
     lora: Optional[str] = None  # a saved LoRA adapter dir (experiment=lora writes one), merged at load
+    small: bool = False  # an offline twin: threads=auto runs it on one thread (see mcollapse.runtime)
 
 
 @dataclass
@@ -122,14 +125,16 @@ class RunConfig:
     hook: Any = None
     probe: Any = None
     target: Any = None
-    lora: Any = None
+    modes: Any = None
+    gradients: Any = None
+    lora: Any = None  # experiment=lora only
     experiment: Any = None
-    report: Any = None  # experiment=report and experiment=verify
-    verify: Any = None  # experiment=verify
+    report: Optional[experiment_config.ReportSettings] = None  # experiment=report and experiment=verify
+    verify: Optional[experiment_config.VerifySettings] = None  # experiment=verify
     seed: int = 42
     device: str = "auto"
     strict: bool = False
-    threads: Optional[int] = None
+    threads: Any = "auto"  # auto | null (torch's default) | a count; checked by validate
     flush_every: int = 64
 
 
@@ -143,14 +148,14 @@ def register() -> None:
     cs.store(group="probe", name="base_probe", node=ProbeConfig)
     cs.store(group="target", name="base_target", node=TargetConfig)
     cs.store(group="lora", name="base_lora", node=LoraSettings)
+    experiment_config.register(cs)
 
 
-# Experiment fields checked wherever an experiment has them (experiments keep their own meaning).
-_EXPERIMENT_COUNTS = ("n_alternatives", "n_boot", "n_modes", "n_random", "n_draws", "histogram_bins", "pca_dims",
+# Experiment fields checked wherever an experiment has them (the schemas guarantee their types).
+_EXPERIMENT_COUNTS = ("n_alternatives", "n_boot", "n_random", "n_draws", "histogram_bins", "pca_dims",
                       "max_points", "n_projections", "max_new_tokens")
 _EXPERIMENT_OPTIONAL_COUNTS = ("n_samples", "lipschitz_samples",  # null: every scorable sample
                                "batch_size", "eval_batch_size", "rows_per_forward")
-_EXPERIMENT_POSITIVE = ("ms_threshold", "s")  # a bound on rho = text / modal variance (no upper limit); GMI's tilt
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -191,11 +196,8 @@ def _experiment(exp) -> None:
             _at_least(f"experiment.{key}", exp[key], 1)
     if "n_bootstrap" in exp:  # 0: W1 without intervals
         _at_least("experiment.n_bootstrap", exp.n_bootstrap, 0)
-    for key in _EXPERIMENT_POSITIVE:
-        if key in exp:
-            _positive(f"experiment.{key}", exp[key])
-    for threshold in exp.get("thresholds") or []:
-        _positive("experiment.thresholds", threshold)
+    if "s" in exp:  # GMI's tilt
+        _positive("experiment.s", exp.s)
     if "robust_quantile" in exp and not 0 < exp.robust_quantile <= 1:
         raise UserError(f"experiment.robust_quantile must be in (0, 1], got {exp.robust_quantile}")
     for k in exp.get("ms_k") or []:
@@ -207,13 +209,33 @@ def _experiment(exp) -> None:
             raise UserError(f"experiment.val + experiment.test must be < 1, got {exp.val + exp.test:g}")
 
 
+def _modes(modes) -> None:
+    _at_least("modes.n_modes", modes.n_modes, 1)
+    _positive("modes.ms_threshold", modes.ms_threshold)  # a bound on rho = text / modal variance (no upper limit)
+    for threshold in modes.thresholds:
+        _positive("modes.thresholds", threshold)
+    if modes.rho_normalization not in RHO_NORMALIZATIONS:
+        raise UserError(f"modes.rho_normalization must be one of {', '.join(RHO_NORMALIZATIONS)}, "
+                        f"got {modes.rho_normalization!r}")
+
+
+def _gradients(gradients) -> None:
+    for key in ("n_samples", "batch_size"):  # null: every scorable sample, model.batch_size
+        if gradients[key] is not None:
+            _at_least(f"gradients.{key}", gradients[key], 1)
+
+
+def _threads(threads) -> None:
+    if threads not in ("auto", None):
+        _at_least("threads", threads, 1)
+
+
 def validate(cfg) -> None:
     """Refuse values that cannot work before any data is read or model loaded, one line each
     (a negative probe.C used to fail only after extraction, with a traceback)."""
     _device(str(cfg.device))
     _at_least("flush_every", cfg.flush_every, 1)
-    if cfg.threads is not None:
-        _at_least("threads", cfg.threads, 1)
+    _threads(cfg.threads)
     probe = cfg.probe
     if (probe.C is None) == (probe.weight_decay is None):
         raise UserError("set exactly one of probe.C and probe.weight_decay (probe=reference uses weight_decay)")
@@ -233,5 +255,7 @@ def validate(cfg) -> None:
     _at_least("model.batch_size", cfg.model.batch_size, 1)
     if cfg.model.audio_window_s is not None:
         _positive("model.audio_window_s", cfg.model.audio_window_s)
+    _modes(cfg.modes)
+    _gradients(cfg.gradients)
     if OmegaConf.is_dict(cfg.experiment):
         _experiment(cfg.experiment)

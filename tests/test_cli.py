@@ -42,6 +42,7 @@ def test_single_run_writes_the_output_contract(tmp_path, env):
     meta = json.loads((run / "meta.json").read_text())
     assert {"git_sha", "packages", "device", "stage_seconds", "counts"} <= set(meta)
     assert meta["counts"]["n_selected"] == 96 and meta["stage_seconds"]["extract_modal"] > 0
+    assert meta["config"]["threads"] == "auto" and meta["threads"] == 1  # auto gives a twin one thread
 
 
 def test_sweep_isolates_a_failing_job_and_exits_nonzero(tmp_path, env):

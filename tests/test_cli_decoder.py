@@ -50,7 +50,7 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
     assert s["rho_normalised_0"] == pytest.approx(s["rho_0"] * s["trace_ratio"])
 
     # the random-weight LLaVA twin has no mode below rho 0.5, so it gets its own threshold
-    choice = [f"experiment.basis={run / 'eigenbasis.npz'}"] if s["n_ms"] else ["experiment.ms_threshold=50"]
+    choice = [f"experiment.basis={run / 'eigenbasis.npz'}"] if s["n_ms"] else ["modes.ms_threshold=50"]
     mcollapse(["experiment=ablation", *args, "experiment.n_random=3", "experiment.ms_k=[1]", *choice], tmp_path, env)
     abl_run, results = _summary(tmp_path, "ablation", model, dataset)
     conditions = {(r["variant"], r["condition"]): r for r in results["summary"]["conditions"]}

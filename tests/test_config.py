@@ -93,7 +93,12 @@ def test_seed_must_be_an_integer(seed):
         (["device=gpu"], r"device 'gpu' is not one of auto, cpu, cuda, cuda:N"),
         (["experiment=wasserstein", "experiment.n_bootstrap=-1"], r"experiment.n_bootstrap must be >= 0, got -1"),
         (["experiment=gmi", "experiment.n_samples=0"], r"experiment.n_samples must be >= 1, got 0"),
-        (["experiment=modes", "experiment.ms_threshold=0"], r"experiment.ms_threshold must be > 0, got 0"),
+        (["experiment=modes", "modes.ms_threshold=0"], r"modes.ms_threshold must be > 0, got 0"),
+        (["modes.n_modes=0"], r"modes.n_modes must be >= 1, got 0"),
+        (["modes.rho_normalization=l2"], r"modes.rho_normalization must be one of none, trace, got 'l2'"),
+        (["modes.thresholds=[0.5,-1]"], r"modes.thresholds must be > 0, got -1"),
+        (["gradients.n_samples=0"], r"gradients.n_samples must be >= 1, got 0"),
+        (["threads=many"], r"threads must be >= 1, got many"),
         (["experiment=lipschitz", "experiment.robust_quantile=1.5"],
          r"experiment.robust_quantile must be in \(0, 1\], got 1.5"),
         (["experiment=lora", "experiment.val=0.5", "experiment.test=0.6"],
@@ -116,7 +121,7 @@ def test_shipped_defaults_are_valid(experiment):
 
     validate(_compose([f"experiment={experiment}"]))
     if experiment in ("modes", "ablation"):  # rho is a variance ratio: thresholds above 1 are meaningful
-        validate(_compose([f"experiment={experiment}", "experiment.ms_threshold=50"]))
+        validate(_compose([f"experiment={experiment}", "modes.ms_threshold=50"]))
     validate(_compose([f"experiment={experiment}", "probe=reference", "model=tiny_llava", "dataset=coco"]))
 
 
@@ -133,9 +138,66 @@ def test_cuda_without_cuda_is_one_line(monkeypatch):
 
 @pytest.mark.parametrize("overrides", [["experiment=wasserstein", "experiment.n_bootstrap=0"],
                                        ["experiment=gmi", "experiment.n_samples=null"],
-                                       ["experiment=lipschitz", "experiment.n_samples=null"],
+                                       ["experiment=lipschitz", "gradients.n_samples=null"],
+                                       ["threads=null"], ["threads=auto"], ["threads=3"],
                                        ["experiment=lipschitz", "experiment.secant_samples=0"]])
 def test_values_that_mean_none_or_all_are_accepted(overrides):
     from mcollapse.config import validate
 
     validate(_compose(overrides))
+
+
+@pytest.mark.parametrize("override", ["experiment.n_alternatives=foo", "experiment.s=much", "experiment.n_samples=1.5",
+                                      "modes.n_modes=foo", "modes.ms_threshold=half", "gradients.batch_size=x"])
+def test_experiment_fields_are_typed(override):
+    with pytest.raises(ConfigCompositionException):
+        _compose(["experiment=gmi", override])
+
+
+def test_every_experiment_option_extends_its_schema():
+    from pathlib import Path
+
+    from mcollapse.experiment_config import EXPERIMENTS
+
+    shipped = {path.stem for path in (Path(config_dir()) / "experiment").glob("*.yaml")}
+    assert shipped == set(EXPERIMENTS)
+    for name in shipped:
+        extra = ["report.runs=x"] if name in ("report", "verify") else []
+        cfg = _compose([f"experiment={name}", *extra])
+        assert OmegaConf.get_type(cfg.experiment) is EXPERIMENTS[name], name
+
+
+def test_experiments_on_the_modes_read_one_modes_group():
+    for experiment in ("modes", "lipschitz", "gradproj", "gmi", "ablation", "msswap"):
+        cfg = _compose([f"experiment={experiment}", "modes.n_modes=7", "modes.ms_threshold=2"])
+        assert (cfg.modes.n_modes, cfg.modes.ms_threshold) == (7, 2.0)
+        assert "n_modes" not in cfg.experiment and "ms_threshold" not in cfg.experiment
+
+
+def test_lora_settings_are_composed_only_for_the_lora_experiment():
+    assert _compose(["experiment=probe"]).lora is None
+    assert _compose(["experiment=lora"]).lora.name == "paper"
+    assert _compose(["experiment=lora", "lora=cpu_small"]).lora.last_layers == 10
+    with pytest.raises(ConfigCompositionException):
+        _compose(["experiment=probe", "lora=cpu_small"])
+
+
+def test_hook_modality_is_the_default_hooks_pooled_over_modality_positions():
+    preset, default = _compose(["hook=modality"]).hook, _compose(["hook.pooling=modality"]).hook
+    assert preset.pooling == default.pooling == "modality"
+    assert {k: v for k, v in preset.items() if k != "name"} == {k: v for k, v in default.items() if k != "name"}
+
+
+@pytest.mark.parametrize(("threads", "small", "expected"),
+                         [("auto", True, 1), ("auto", False, None), (None, True, None), (3, True, 3)])
+def test_threads_auto_gives_the_twins_one_thread(threads, small, expected):
+    from mcollapse.runtime import thread_count
+
+    assert thread_count(threads, small) == expected
+
+
+def test_the_twins_are_marked_small_and_real_models_are_not():
+    from pathlib import Path
+
+    for path in (Path(config_dir()) / "model").glob("*.yaml"):
+        assert _compose([f"model={path.stem}"]).model.small == path.stem.startswith("tiny_"), path

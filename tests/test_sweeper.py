@@ -119,7 +119,8 @@ def test_paper_grid_has_the_papers_jobs():
     assert runs(intervene, "gradproj") == runs(intervene, "msswap") == {("ultravox", "librispeech")}
     assert runs(intervene, "lora", lora="paper") == {("ultravox", "cremad")}
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        assert compose(config_name="config", overrides=["+sweep=paper"]).threads is None  # torch's default
+        cfg = compose(config_name="config", overrides=["+sweep=paper"])
+    assert cfg.threads == "auto" and not cfg.model.small  # auto: torch's default for the real models
 
 
 @pytest.mark.parametrize("launcher,target,gpus,timeout", [

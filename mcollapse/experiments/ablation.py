@@ -33,12 +33,12 @@ def run(cfg, run_dir: Path) -> dict:
     edits = start_mode_edits(cfg, run_dir)
     rec, inputs = edits.rec, edits.inputs
     basis, alignment, basis_source = edits.basis, edits.alignment, edits.basis_source
-    conds = conditions(alignment.is_ms, basis.eigenvalues, n_random=int(exp.n_random), seed=int(cfg.seed),
-                       ms_k=[int(k) for k in exp.ms_k])
+    conds = conditions(alignment.is_ms, basis.eigenvalues, n_random=exp.n_random, seed=cfg.seed,
+                       ms_k=list(exp.ms_k))
     if not conds:
         raise UserError(f"no MS mode among the {alignment.rho.size} modes (ms_threshold={alignment.ms_threshold}, "
                         f"rho_normalization={alignment.rho_normalization}): nothing to ablate")
-    empty = empty_controls(alignment.is_ms, int(exp.n_random))
+    empty = empty_controls(alignment.is_ms, exp.n_random)
     for name in empty:
         log.warning("ablation: condition %s is empty (%d MS, %d TA modes) and left out of the results",
                     name, alignment.n_ms, alignment.n_ta)
@@ -49,7 +49,7 @@ def run(cfg, run_dir: Path) -> dict:
     vectors = torch.as_tensor(basis.vectors, dtype=torch.float32)
     mean = torch.as_tensor(basis.mean, dtype=torch.float32)
     batch = batch_size_of(cfg)
-    per_forward = int(exp.rows_per_forward or 4 * batch)
+    per_forward = exp.rows_per_forward or 4 * batch
 
     def score(zs, sample_rows):
         targets = [answers[r] for r in sample_rows] if answers else None
@@ -67,7 +67,7 @@ def run(cfg, run_dir: Path) -> dict:
 
     with rec.stage("statistics"):
         results = condition_summaries(table, columns, conds, exp.variants, basis.eigenvalues)
-    rows = [rec.row("adapter_output", "-", int(cfg.seed), metric, value, condition=r["condition"],
+    rows = [rec.row("adapter_output", "-", cfg.seed, metric, value, condition=r["condition"],
                     variant=r["variant"], target=target.name, reduction=target.reduction)
             for r in results for metric, value in r.items()
             if metric not in ("condition", "variant") and isinstance(value, (int, float))]

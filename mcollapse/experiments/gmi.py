@@ -29,12 +29,12 @@ from mcollapse.data.labels import derive_labels
 from mcollapse.errors import UserError
 from mcollapse.experiments.probe import settings_from
 from mcollapse.pipeline.decoder_side import (
-    batch_size_of,
     candidate_scores,
     decoder_inputs,
+    gradient_batch_size,
     gradients,
-    modes,
     scored_ids,
+    shared_modes,
 )
 from mcollapse.pipeline.inputs import recorder, selected_records
 from mcollapse.report.decoder_figures import gmi_figure, print_metrics
@@ -61,7 +61,7 @@ def _probe_information(cfg, selection, ids, features: dict, label: str) -> tuple
         labels = [" ".join((r.text or "").lower().split()) or None for r in records]
     else:
         column = derive_labels(records, [label], lexical_rule=cfg.dataset.lexical_rule,
-                               top_k=int(cfg.dataset.lexical_top_k)).get(label)
+                               top_k=cfg.dataset.lexical_top_k).get(label)
         if column is None:
             return {}, f"label '{label}' is not defined for dataset '{cfg.dataset.name}'"
         if column.skipped_reason:
@@ -98,8 +98,7 @@ def run(cfg, run_dir: Path) -> dict:
     selection = selected_records(cfg, rec)
     inputs = decoder_inputs(cfg, rec, selection)
     ids = scored_ids(inputs, "content", exp.n_samples, rec)
-    alts = alternatives(len(ids), int(exp.n_alternatives), int(cfg.seed))
-    batch = batch_size_of(cfg)
+    alts = alternatives(len(ids), exp.n_alternatives, cfg.seed)
     modal_z = inputs.sequences.subset(ids).arrays
     with rec.stage("text_embeddings"):
         text_z = [inputs.text_sequence(i) for i in ids]
@@ -111,9 +110,9 @@ def run(cfg, run_dir: Path) -> dict:
         with rec.stage(f"scores_{kind}"):
             flat = candidate_scores(inputs, zs, answers, candidates, f"GMI scores ({kind})")
         scores[kind] = flat
-        results[kind] = gmi_from_scores(flat[:, 0], flat[:, 1:], estimator=str(exp.estimator), s=float(exp.s),
-                                        n_boot=int(exp.n_boot), seed=int(cfg.seed))
-    gap = gmi_gap(results["modal"], results["text"], paired=True, n_boot=int(exp.n_boot), seed=int(cfg.seed))
+        results[kind] = gmi_from_scores(flat[:, 0], flat[:, 1:], estimator=exp.estimator, s=exp.s,
+                                        n_boot=exp.n_boot, seed=cfg.seed)
+    gap = gmi_gap(results["modal"], results["text"], paired=True, n_boot=exp.n_boot, seed=cfg.seed)
 
     with rec.stage("bound"):
         pooled_m = np.stack([z.astype(np.float64).mean(axis=0) for z in modal_z])
@@ -121,21 +120,20 @@ def run(cfg, run_dir: Path) -> dict:
         w1_conditional = conditional_w1_to_points(pooled_m, pooled_t)
         union = np.vstack([pooled_m, pooled_t])
         d_s, d_eff = diameter(union), effective_diameter(union).d_eff
-        shared = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold),  # same pass as lipschitz's
-                       rho_normalization=str(exp.rho_normalization))
+        shared = shared_modes(cfg, inputs, rec)  # lipschitz's pass when lipschitz_samples = gradients.n_samples
         lipschitz_ids = scored_ids(inputs, "content", exp.lipschitz_samples, rec, record=False)  # lipschitz's draw
-        grads = gradients(inputs, rec, lipschitz_ids, target, batch, shared)
-        statistic = str(exp.bound_lipschitz)
+        grads = gradients(inputs, rec, lipschitz_ids, target, gradient_batch_size(cfg), shared)
+        statistic = exp.bound_lipschitz
         lip = float(gradient_norm_stats(grads.norms)[statistic])
         lip_pooled = float(gradient_norm_stats(grads.shift_norms)[statistic])
         bounds = {f"{space}{name}": theorem2_rhs(lipschitz=L, w1=w1_conditional, diameter=d).as_dict()
                   for space, L in (("", lip), ("pooled_", lip_pooled)) for name, d in (("D", d_s), ("D_eff", d_eff))}
     with rec.stage("probe_information"):
         probe_info, probe_skip = _probe_information(cfg, selection, ids, {"modal": pooled_m, "text": pooled_t},
-                                                    str(exp.probe_label))
+                                                    exp.probe_label)
 
-    summary = {"n_samples": len(ids), "n_alternatives": int(alts.shape[1]), "estimator": str(exp.estimator),
-               "s": float(exp.s), "target": target.name, "reduction": "sum"}
+    summary = {"n_samples": len(ids), "n_alternatives": int(alts.shape[1]), "estimator": exp.estimator,
+               "s": exp.s, "target": target.name, "reduction": "sum"}
     for kind, result in results.items():
         summary.update({f"gmi_{kind}": result.gmi, f"gmi_{kind}_ci_low": result.ci_low,
                         f"gmi_{kind}_ci_high": result.ci_high})
@@ -154,16 +152,16 @@ def run(cfg, run_dir: Path) -> dict:
         "theorem2_W1_D_space": "pooled adapter output and pooled text embeddings",
         "theorem2_sup_stand_in": f"{statistic} of {len(grads.ids)} per-sample gradient norms, not a supremum",
         "theorem2_rhs_overflows": any(math.isinf(b["rhs"]) for b in bounds.values())})
-    summary["probe_label"] = str(exp.probe_label)
+    summary["probe_label"] = exp.probe_label
     if probe_skip:
         summary["probe_skipped"] = probe_skip
-    gaps, gap_skip = accessibility_gaps(str(exp.probe_label), probe_info, {k: r.gmi for k, r in results.items()})
+    gaps, gap_skip = accessibility_gaps(exp.probe_label, probe_info, {k: r.gmi for k, r in results.items()})
     for kind, info in probe_info.items():
         summary[f"probe_information_{kind}"] = info["information"]
     summary.update({f"accessibility_gap_{kind}": value for kind, value in gaps.items()})
     if gap_skip:
         summary["accessibility_gap_skipped"] = gap_skip
-    rows = [rec.row("adapter_output", "-", int(cfg.seed), name, value, target=target.name)
+    rows = [rec.row("adapter_output", "-", cfg.seed, name, value, target=target.name)
             for name, value in summary.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
     details = {"gmi": {k: r.as_dict() for k, r in results.items()}, "gap": gap.as_dict(), "theorem2": bounds,

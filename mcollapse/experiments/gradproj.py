@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mcollapse.analysis.modes import gradient_isotropy
 from mcollapse.errors import UserError
-from mcollapse.pipeline.decoder_side import batch_size_of, decoder_inputs, gradients, modes, scored_ids
+from mcollapse.pipeline.decoder_side import decoder_inputs, gradient_batch_size, gradients, scored_ids, shared_modes
 from mcollapse.pipeline.inputs import recorder, selected_records
 from mcollapse.report.decoder_figures import gradproj_figure, print_metrics
 
@@ -28,24 +28,23 @@ def run(cfg, run_dir: Path) -> dict:
     rec = recorder(cfg, run_dir)
     selection = selected_records(cfg, rec)
     inputs = decoder_inputs(cfg, rec, selection)
-    mode_set = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold),
-                     rho_normalization=str(exp.rho_normalization))
+    mode_set = shared_modes(cfg, inputs, rec)
     if mode_set.alignment.n_ms == 0 or mode_set.alignment.n_ta == 0:
         log.warning("all %d modes are %s: g_TA / g_MS is undefined", mode_set.alignment.rho.size,
                     "TA" if mode_set.alignment.n_ms == 0 else "MS")
-    ids = scored_ids(inputs, target.name, exp.n_samples, rec)
-    grads = gradients(inputs, rec, ids, target, batch_size_of(cfg), mode_set)
+    ids = scored_ids(inputs, target.name, cfg.gradients.n_samples, rec)
+    grads = gradients(inputs, rec, ids, target, gradient_batch_size(cfg), mode_set)
     if grads.mode_magnitudes is None:
         raise UserError("gradient pass holds no mode projections")
     with rec.stage("statistics"):
-        iso = gradient_isotropy(grads.mode_magnitudes, mode_set.alignment, str(exp.statistic))
-        ref = gradient_isotropy(grads.mean_grad_magnitudes, mode_set.alignment, str(exp.statistic))
+        iso = gradient_isotropy(grads.mode_magnitudes, mode_set.alignment, exp.statistic)
+        ref = gradient_isotropy(grads.mean_grad_magnitudes, mode_set.alignment, exp.statistic)
     summary = {**iso.summary(), "statistic": iso.statistic, "target": target.name, "reduction": target.reduction,
                "reference_g_ta_over_g_ms": ref.ratio, "reference_spearman_r": ref.spearman_r,
                "reference_spearman_p": ref.spearman_p, "eigenbasis": str(mode_set.path),
                "rho_normalization": mode_set.alignment.rho_normalization,
                "empty_classes": mode_set.alignment.empty_classes}
-    rows = [rec.row("adapter_output", "-", int(cfg.seed), name, summary[name], target=target.name)
+    rows = [rec.row("adapter_output", "-", cfg.seed, name, summary[name], target=target.name)
             for name in SHOWN]
     with rec.stage("report"):
         gradproj_figure(iso.rho, iso.g_k, iso.g_k_std, iso.is_ms, summary, run_dir / "gradproj.png",

@@ -29,13 +29,13 @@ from mcollapse.analysis.lipschitz import (
 )
 from mcollapse.errors import UserError
 from mcollapse.pipeline.decoder_side import (
-    batch_size_of,
     decoder_inputs,
+    gradient_batch_size,
     gradients,
     lipschitz_summary_path,
-    modes,
     scored_ids,
     secant_scores,
+    shared_modes,
     write_json,
 )
 from mcollapse.pipeline.inputs import recorder, selected_records
@@ -66,30 +66,29 @@ def _secant_check(inputs, ids: list[str], target, batch_size: int, n: int, k: in
 
 def run(cfg, run_dir: Path) -> dict:
     exp, target = cfg.experiment, cfg.target
-    n_secant, k_secant = int(exp.secant_samples), int(exp.secant_neighbours)
+    n_secant, k_secant = exp.secant_samples, exp.secant_neighbours
     if n_secant < 0 or k_secant < 1:
         raise UserError(f"experiment.secant_samples must be >= 0 and secant_neighbours >= 1, got {n_secant} and "
                         f"{k_secant}")
     rec = recorder(cfg, run_dir)
     selection = selected_records(cfg, rec)
     inputs = decoder_inputs(cfg, rec, selection)
-    ids = scored_ids(inputs, target.name, exp.n_samples, rec)
+    ids = scored_ids(inputs, target.name, cfg.gradients.n_samples, rec)
     mode_set = None
     if len(inputs.with_text()) >= 3:
-        mode_set = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold),
-                         rho_normalization=str(exp.rho_normalization))
+        mode_set = shared_modes(cfg, inputs, rec)
     else:
         log.info("fewer than 3 texts: gradient projections on the modes are not stored")
-    grads = gradients(inputs, rec, ids, target, batch_size_of(cfg), mode_set)
+    grads = gradients(inputs, rec, ids, target, gradient_batch_size(cfg), mode_set)
     secant, slopes = {}, np.full(0, np.nan)
     if n_secant:
         with rec.stage("secant"):
-            secant, slopes = _secant_check(inputs, ids, target, batch_size_of(cfg), n_secant, k_secant)
+            secant, slopes = _secant_check(inputs, ids, target, gradient_batch_size(cfg), n_secant, k_secant)
 
     with rec.stage("statistics"):
         pooled = inputs.sequences.pooled()
-        summary = lipschitz_summary(grads.norms, pooled, robust_quantile=float(exp.robust_quantile),
-                                    seed=int(cfg.seed))
+        summary = lipschitz_summary(grads.norms, pooled, robust_quantile=exp.robust_quantile,
+                                    seed=cfg.seed)
         text_ids = inputs.with_text()
         if text_ids:
             text = np.stack([inputs.text_sequence(i).astype(np.float64).mean(axis=0) for i in text_ids])
@@ -103,15 +102,15 @@ def run(cfg, run_dir: Path) -> dict:
                         "mean_positions": float(grads.lengths.mean()), "mean_score": float(np.mean(grads.scores)),
                         "target": target.name, "reduction": target.reduction, "L_space": "adapter_output",
                         "selection_digest": selection.digest})
-    rows = [rec.row("adapter_output", "-", int(cfg.seed), name, value, target=target.name,
+    rows = [rec.row("adapter_output", "-", cfg.seed, name, value, target=target.name,
                     reduction=target.reduction)
             for name, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
     with rec.stage("report"):
         _per_sample_csv(run_dir / "per_sample.csv", grads, slopes)
         title = f"{cfg.model.name} x {cfg.dataset.name} (target={target.name}, {target.reduction})"
         stats = {k: summary[f"L_{k}"] for k in ("mean", "median", "p95", "max")}
-        lipschitz_histogram(grads.norms, stats, run_dir / "lipschitz_hist.png", title, int(exp.histogram_bins))
-    details = {"histogram": gradient_norm_histogram(grads.norms, int(exp.histogram_bins)),
+        lipschitz_histogram(grads.norms, stats, run_dir / "lipschitz_hist.png", title, exp.histogram_bins)
+    details = {"histogram": gradient_norm_histogram(grads.norms, exp.histogram_bins),
                "modes_artifact": str(mode_set.path) if mode_set else None}
     rec.write(rows, summary, details)
     write_json(lipschitz_summary_path(inputs.cache_dir, cfg.model, inputs.dataset, target),

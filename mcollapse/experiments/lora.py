@@ -52,7 +52,7 @@ UPSTREAM_HOOKS = ("encoder_output", "adapter_output")
 
 def _column(cfg, records, info_type: str, purpose: str) -> list:
     column = derive_labels(records, [info_type], lexical_rule=cfg.dataset.lexical_rule,
-                           top_k=int(cfg.dataset.lexical_top_k))[info_type]
+                           top_k=cfg.dataset.lexical_top_k)[info_type]
     if column.skipped_reason:
         raise UserError(f"lora cannot use '{info_type}' as {purpose} on '{cfg.dataset.name}': {column.skipped_reason}")
     return column.values
@@ -61,8 +61,8 @@ def _column(cfg, records, info_type: str, purpose: str) -> list:
 def labelled_split(cfg, records, rec) -> tuple[dict[str, str], dict[str, list[str]], dict[str, str]]:
     """Gold label per labelled id, the group-disjoint split, and each id's group."""
     exp = cfg.experiment
-    values = _column(cfg, records, str(exp.label), "the task label")
-    groups = _column(cfg, records, str(exp.group_by), "the split grouping") if exp.group_by else \
+    values = _column(cfg, records, exp.label, "the task label")
+    groups = _column(cfg, records, exp.group_by, "the split grouping") if exp.group_by else \
         [r.id for r in records]
     gold, group_of = {}, {}
     for record, value, group in zip(records, values, groups):
@@ -73,7 +73,7 @@ def labelled_split(cfg, records, rec) -> tuple[dict[str, str], dict[str, list[st
         raise UserError(f"label '{exp.label}' has fewer than 2 classes among the selected samples")
     ids = list(gold)
     try:
-        split = group_split(ids, [group_of[i] for i in ids], float(exp.val), float(exp.test), int(cfg.seed))
+        split = group_split(ids, [group_of[i] for i in ids], exp.val, exp.test, cfg.seed)
     except ValueError as err:
         raise UserError(f"cannot split by {exp.group_by or 'sample'}: {err}") from None
     return gold, split, group_of
@@ -82,8 +82,8 @@ def labelled_split(cfg, records, rec) -> tuple[dict[str, str], dict[str, list[st
 def _write_split(path: Path, cfg, split: dict, group_of: dict, gold: dict) -> None:
     exp = cfg.experiment
     write_json(path, {
-        "seed": int(cfg.seed), "group_by": exp.group_by, "val_share": float(exp.val), "test_share": float(exp.test),
-        "label": str(exp.label),
+        "seed": cfg.seed, "group_by": exp.group_by, "val_share": exp.val, "test_share": exp.test,
+        "label": exp.label,
         **{part: {"ids": ids, "groups": sorted({group_of[i] for i in ids}),
                   "class_counts": {c: sum(gold[i] == c for i in ids) for c in sorted(set(gold.values()))}}
            for part, ids in split.items()},
@@ -149,7 +149,7 @@ def run(cfg, run_dir: Path) -> dict:
     exp = cfg.experiment
     if exp.objective not in OBJECTIVES:
         raise UserError(f"experiment.objective '{exp.objective}' is not one of {', '.join(OBJECTIVES)}")
-    label = str(exp.label)
+    label = exp.label
     rec = recorder(cfg, run_dir)
     cache_dir = Path(cfg.paths.cache_dir)
     selection = selected_records(cfg, rec)
@@ -161,7 +161,7 @@ def run(cfg, run_dir: Path) -> dict:
         raise UserError(f"model '{cfg.model.name}' is text-only: the LoRA task needs audio or image input")
     precision = str(family.dtype).removeprefix("torch.")  # bfloat16 on GPU, float32 on CPU (model.dtype=auto)
     with rec.stage("adapter_sequences"):
-        sequences = adapter_sequences(family, selection.records, dataset, cache_dir, bool(cfg.strict))
+        sequences = adapter_sequences(family, selection.records, dataset, cache_dir, cfg.strict)
     rec.counts.update({"n_usable": len(sequences.ids), "n_unreadable": len(sequences.skipped)})
     readable = set(sequences.ids)  # unreadable clips leave their part; groups stay disjoint
     split = {part: [i for i in ids if i in readable] for part, ids in split.items()}
@@ -172,17 +172,17 @@ def run(cfg, run_dir: Path) -> dict:
     test_ids = split["test"]
     test_records = [by_id[i] for i in test_ids]
     arrays = dict(zip(sequences.ids, sequences.arrays))
-    eval_batch = int(exp.eval_batch_size or family.cfg.batch_size)
+    eval_batch = exp.eval_batch_size or family.cfg.batch_size
 
     with rec.stage("extract_test_base"):
-        base_extraction = extract_modal(family, test_records, dataset, cfg.hook, cache_dir, bool(cfg.strict),
-                                        int(cfg.flush_every))
+        base_extraction = extract_modal(family, test_records, dataset, cfg.hook, cache_dir, cfg.strict,
+                                        cfg.flush_every)
     task_parts = family.prompt_token_parts(*reversed(task_prompt(exp, family.modality, label, choices)))
     decoder = Decoder(family)
     test_arrays, test_gold = [arrays[i] for i in test_ids], [gold[i] for i in test_ids]
     with rec.stage("evaluate_base"):
         base_results = evaluate(decoder, test_arrays, test_gold, choices, task_parts, eval_batch,
-                                int(exp.max_new_tokens))
+                                exp.max_new_tokens)
 
     if exp.objective == "task":
         train_parts, answers = task_parts, {i: answer_tokens(family, gold[i]) for i in gold}
@@ -199,9 +199,9 @@ def run(cfg, run_dir: Path) -> dict:
     n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     state_key = cache_key({
         **model_identity(family), "dataset": dataset, "sequences": sequences.key, "kind": "lora",
-        "split": {p: split[p] for p in ("train", "val")}, "objective": str(exp.objective), "label": label,
-        "prompt": train_parts, "lora": OmegaConf.to_container(cfg.lora, resolve=True), "seed": int(cfg.seed)})
-    trainer = Trainer(decoder, peft_model, cfg.lora, train_parts, cache_dir / "lora" / state_key, int(cfg.seed),
+        "split": {p: split[p] for p in ("train", "val")}, "objective": exp.objective, "label": label,
+        "prompt": train_parts, "lora": OmegaConf.to_container(cfg.lora, resolve=True), "seed": cfg.seed})
+    trainer = Trainer(decoder, peft_model, cfg.lora, train_parts, cache_dir / "lora" / state_key, cfg.seed,
                       eval_batch)
     with rec.stage("train"):
         outcome = trainer.fit(train, val)
@@ -209,7 +209,7 @@ def run(cfg, run_dir: Path) -> dict:
     reloaded_val_loss, _ = answer_loss(decoder, val, train_parts, eval_batch)
     with rec.stage("evaluate_lora"):
         lora_results = evaluate(decoder, test_arrays, test_gold, choices, task_parts, eval_batch,
-                                int(exp.max_new_tokens))
+                                exp.max_new_tokens)
     adapter_dir = run_dir / "adapter"
     shutil.rmtree(adapter_dir, ignore_errors=True)
     shutil.copytree(trainer.best_dir, adapter_dir)
@@ -220,7 +220,7 @@ def run(cfg, run_dir: Path) -> dict:
         tuned_family = load_model(OmegaConf.merge(cfg.model, {"lora": str(adapter_dir)}), cache_dir, cfg.device)
     with rec.stage("extract_test_lora"):
         tuned_extraction = extract_modal(tuned_family, test_records, dataset, cfg.hook, cache_dir,
-                                         bool(cfg.strict), int(cfg.flush_every))
+                                         cfg.strict, cfg.flush_every)
     del tuned_family
     release_memory()
     rows, probes, probe_skips = [], {}, {}
@@ -235,16 +235,16 @@ def run(cfg, run_dir: Path) -> dict:
     task["delta_likelihood_accuracy"] = task["lora"]["likelihood_accuracy"] - task["base"]["likelihood_accuracy"]
     settings = cfg.lora
     summary = {
-        "label": label, "objective": str(exp.objective), "choices": choices, "group_by": exp.group_by,
+        "label": label, "objective": exp.objective, "choices": choices, "group_by": exp.group_by,
         "split": {p: {"n": len(ids), "groups": len({group_of[i] for i in ids})} for p, ids in split.items()},
         "task": task,
-        "training": {"preset": settings.name, "r": int(settings.r), "alpha": float(settings.alpha),
-                     "dropout": float(settings.dropout), "target_modules": list(settings.target_modules),
+        "training": {"preset": settings.name, "r": settings.r, "alpha": settings.alpha,
+                     "dropout": settings.dropout, "target_modules": list(settings.target_modules),
                      "last_layers": settings.last_layers, "trainable_parameters": n_trainable,
                      "precision": precision,
                      "epochs_run": len(outcome.history), "best_epoch": outcome.best_epoch,
                      "best_val_loss": outcome.best_val_loss, "reloaded_best_val_loss": reloaded_val_loss,
-                     "stopped_early": len(outcome.history) < int(settings.epochs), "optimizer_steps": outcome.steps,
+                     "stopped_early": len(outcome.history) < settings.epochs, "optimizer_steps": outcome.steps,
                      "resumed_at_epoch": outcome.resumed_at_epoch, "history": outcome.history},
         "probes": probes, "probe_skipped": probe_skips,
         "probe_changes": _probe_changes(probes, label),
@@ -253,12 +253,12 @@ def run(cfg, run_dir: Path) -> dict:
     }
     for condition in ("base", "lora"):
         for metric in ("accuracy", "lenient_accuracy", "parse_rate", "likelihood_accuracy"):
-            rows.append(rec.row("task", label, int(cfg.seed), f"task_{metric}", task[condition][metric],
-                                condition=condition, objective=str(exp.objective), n=task[condition]["n"]))
+            rows.append(rec.row("task", label, cfg.seed, f"task_{metric}", task[condition][metric],
+                                condition=condition, objective=exp.objective, n=task[condition]["n"]))
     for record in outcome.history:
         for metric in ("train_loss", "val_loss", "val_token_accuracy"):
-            rows.append(rec.row("task", label, int(cfg.seed), metric, record[metric], condition="lora",
-                                epoch=record["epoch"], objective=str(exp.objective)))
+            rows.append(rec.row("task", label, cfg.seed, metric, record[metric], condition="lora",
+                                epoch=record["epoch"], objective=exp.objective))
     _write_predictions(run_dir / "predictions.csv", test_ids, {"base": base_results, "lora": lora_results})
     title = f"{cfg.model.name} x {cfg.dataset.name}: {exp.objective} LoRA on {label}"
     with rec.stage("report"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from mcollapse.pipeline.decoder_side import decoder_inputs, modes
+from mcollapse.pipeline.decoder_side import decoder_inputs, shared_modes
 from mcollapse.pipeline.inputs import recorder, selected_records
 from mcollapse.report.decoder_figures import mode_alignment_figure, print_metrics
 
@@ -21,12 +21,10 @@ SHOWN = ["n_modes", "n_ms", "n_ta", "rho_0", "mean_rho_top10", "rho_normalised_0
 
 
 def run(cfg, run_dir: Path) -> dict:
-    exp = cfg.experiment
     rec = recorder(cfg, run_dir)
     selection = selected_records(cfg, rec)
     inputs = decoder_inputs(cfg, rec, selection)
-    found = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold), tuple(float(t) for t in exp.thresholds),
-                  rho_normalization=str(exp.rho_normalization))
+    found = shared_modes(cfg, inputs, rec)
     basis, alignment = found.basis, found.alignment
     summary = {
         "n_modes": int(alignment.rho.size), "n_ms": alignment.n_ms, "n_ta": alignment.n_ta,
@@ -45,8 +43,8 @@ def run(cfg, run_dir: Path) -> dict:
     artifact = run_dir / "eigenbasis.npz"
     shutil.copyfile(found.path, artifact)
     summary["eigenbasis"] = str(artifact)
-    rows = [rec.row("adapter_output", "-", int(cfg.seed), name, summary[name]) for name in SHOWN]
-    rows += [rec.row("adapter_output", "-", int(cfg.seed), "n_ms", n, threshold=t)
+    rows = [rec.row("adapter_output", "-", cfg.seed, name, summary[name]) for name in SHOWN]
+    rows += [rec.row("adapter_output", "-", cfg.seed, "n_ms", n, threshold=t)
              for t, n in alignment.sensitivity.items()]
     per_mode = {"rho": alignment.rho.tolist(), "rho_normalised": alignment.rho_normalised.tolist(),
                 "eigenvalue": basis.eigenvalues.tolist(),

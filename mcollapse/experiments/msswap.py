@@ -30,9 +30,9 @@ SUBSPACES = ("MS", "TA")
 
 def _groups(cfg, selection, ids) -> dict[str, str]:
     by_id = {r.id: r for r in selection.records}
-    label = str(cfg.experiment.group_by)
+    label = cfg.experiment.group_by
     column = derive_labels([by_id[i] for i in ids], [label], lexical_rule=cfg.dataset.lexical_rule,
-                           top_k=int(cfg.dataset.lexical_top_k))[label]
+                           top_k=cfg.dataset.lexical_top_k)[label]
     if column.skipped_reason:
         raise UserError(f"msswap cannot group by '{label}' on '{cfg.dataset.name}': {column.skipped_reason}")
     return {i: v for i, v in zip(ids, column.values) if v is not None}
@@ -53,13 +53,13 @@ def run(cfg, run_dir: Path) -> dict:
     means = {g: np.mean([pooled[i] for i in group_of if group_of[i] == g], axis=0) for g in set(group_of.values())}
     ids = scored_ids(inputs, target.name, exp.n_samples, rec, among=group_of)
     rec.counts["n_unlabelled_skipped"] = len(inputs.sequences.ids) - len(group_of)
-    partners = draw_partners([group_of[i] for i in ids], int(exp.n_draws), int(cfg.seed))
+    partners = draw_partners([group_of[i] for i in ids], exp.n_draws, cfg.seed)
     seqs = inputs.sequences.subset(ids)
     answers = [inputs.answer(i) for i in ids] if target.name == "content" else None
     modes = {"MS": torch.as_tensor(basis.vectors[alignment.is_ms], dtype=torch.float32),
              "TA": torch.as_tensor(basis.vectors[~alignment.is_ms], dtype=torch.float32)}
     group_mean = {g: torch.as_tensor(m, dtype=torch.float32) for g, m in means.items()}
-    n_draws = int(exp.n_draws)
+    n_draws = exp.n_draws
 
     def scored(variants, r):
         batch = compose(inputs.family, [len(z) for z in variants], [answers[r]] * len(variants) if answers else None,
@@ -73,13 +73,13 @@ def run(cfg, run_dir: Path) -> dict:
 
     batch = batch_size_of(cfg)
     batches = [np.arange(s, min(s + batch, len(ids))) for s in range(0, len(ids), batch)]
-    gather = cached_pass(cfg, edits, "msswap", ids, batches, measure, group_by=str(exp.group_by), n_draws=n_draws,
-                         seed=int(cfg.seed))
+    gather = cached_pass(cfg, edits, "msswap", ids, batches, measure, group_by=exp.group_by, n_draws=n_draws,
+                         seed=cfg.seed)
     data = {name: gather(name) for name in ["loss_base"] + [f"{k}_{s}" for k in ("kl", "dce", "shift")
                                                                for s in SUBSPACES]}
     with rec.stage("statistics"):
         summary = _summary(data, alignment, exp, target, len(ids), len(means), basis_source)
-    rows = [rec.row("adapter_output", "-", int(cfg.seed), name, value, group_by=str(exp.group_by), target=target.name)
+    rows = [rec.row("adapter_output", "-", cfg.seed, name, value, group_by=exp.group_by, target=target.name)
             for name, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
     with rec.stage("report"):
         with (run_dir / "per_sample.csv").open("w", newline="") as handle:
@@ -133,7 +133,7 @@ def swap_measures(arrays, rows, partners, modes: dict, group_mean: dict, scored,
 
 def _summary(data, alignment, exp, target, n, n_groups, basis_source) -> dict:
     """Per subspace: mean KL, loss change (t-test vs 0), shift size, KL per unit^2; MS vs TA paired."""
-    out = {"n_samples": n, "n_groups": n_groups, "n_draws": int(exp.n_draws), "group_by": str(exp.group_by),
+    out = {"n_samples": n, "n_groups": n_groups, "n_draws": exp.n_draws, "group_by": exp.group_by,
            "n_ms_modes": alignment.n_ms, "n_ta_modes": alignment.n_ta,
            "rho_normalization": alignment.rho_normalization, "target": target.name,
            "reduction": target.reduction, "eigenbasis": basis_source, "mean_loss_base": float(data["loss_base"].mean())}

@@ -24,9 +24,9 @@ def settings_from(cfg) -> ProbeSettings:
     if (p.C is None) == (p.weight_decay is None):
         raise UserError("set exactly one of probe.C and probe.weight_decay (probe=reference uses weight_decay)")
     return ProbeSettings(
-        C=p.C, weight_decay=p.weight_decay, max_iter=int(p.max_iter), tol=float(p.tol),
-        train_size=float(p.train_size), seeds=tuple(int(s) for s in p.seeds), min_samples=int(p.min_samples),
-        device="cuda" if str(cfg.device).startswith("cuda") else "cpu",
+        C=p.C, weight_decay=p.weight_decay, max_iter=p.max_iter, tol=p.tol,
+        train_size=p.train_size, seeds=tuple(p.seeds), min_samples=p.min_samples,
+        device="cuda" if cfg.device.startswith("cuda") else "cpu",
     )
 
 
@@ -51,7 +51,7 @@ def probe_inputs(cfg, rec, inputs_by_kind, records) -> tuple[list[dict], dict]:
         acts = extraction.activations
         recs = [by_id[i] for i in acts.ids]
         labels = derive_labels(recs, list(cfg.dataset.info_types), lexical_rule=cfg.dataset.lexical_rule,
-                               top_k=int(cfg.dataset.lexical_top_k))
+                               top_k=cfg.dataset.lexical_top_k)
         for info_type, column in labels.items():
             if column.skipped_reason:
                 skipped[f"{kind}/{info_type}"] = column.skipped_reason

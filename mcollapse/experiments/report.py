@@ -118,7 +118,7 @@ def run(cfg, run_dir: Path) -> dict:
     with rec.stage("read_runs"):
         runs = runs_from(cfg)
     with rec.stage("tables_and_figures"):
-        summary = build(runs, run_dir, int(cfg.report.inline_rows))
+        summary = build(runs, run_dir, cfg.report.inline_rows)
     rec.counts.update({"n_runs": summary["n_runs"], "n_failed": len(runs.failed),
                        "n_unreadable": len(runs.unreadable)})
     rows = [rec.row("-", "-", None, "rows", info["rows"], table=name) for name, info in summary["tables"].items()]

@@ -62,12 +62,12 @@ def run(cfg, run_dir: Path) -> dict:
     rec = RunRecorder(run_dir, {"experiment": "verify", "model": None, "dataset": None},
                       extra_meta={"config": OmegaConf.to_container(cfg.report, resolve=True)
                                   | {"verify": OmegaConf.to_container(cfg.verify, resolve=True)}})
-    path = expected_file(str(cfg.verify.expected), _config_dir())
+    path = expected_file(cfg.verify.expected, _config_dir())
     expectations = load_expectations(path)
     runs = runs_from(cfg)
     tables = {t.name: t for t in paper_tables(runs)}
     outcomes = evaluate(expectations.checks, tables)
-    allow_missing = bool(cfg.verify.allow_missing)
+    allow_missing = cfg.verify.allow_missing
     failing = [o for o in outcomes if o.failed and not (allow_missing and o.status == MISSING)]
     counts = {status: sum(o.status == status for o in outcomes) for status in {o.status for o in outcomes}}
     rec.counts.update({"n_checks": len(outcomes), **counts, "n_failing": len(failing), "n_runs": len(runs.runs)})

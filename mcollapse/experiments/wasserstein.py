@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def _clouds(cfg, extracted) -> tuple[str, np.ndarray, np.ndarray]:
-    hook = hook_name(cfg.experiment.hook, int(cfg.hook.llm_layer))
+    hook = hook_name(cfg.experiment.hook, cfg.hook.llm_layer)
     if extracted.text is None:
         raise UserError("wasserstein needs the text side: set experiment.text.source=self")
     modal, text = extracted.modal.activations.vectors, extracted.text.activations.vectors
@@ -103,11 +103,11 @@ def run(cfg, run_dir: Path) -> dict:
     hook, a, b = _clouds(cfg, extracted)
     exp = cfg.experiment
     with rec.stage("w1"):
-        result = w1_between(a, b, dims=int(exp.pca_dims), n_bootstrap=int(exp.n_bootstrap), seed=int(cfg.seed),
-                            max_points=exp.max_points, n_projections=int(exp.n_projections))
+        result = w1_between(a, b, dims=exp.pca_dims, n_bootstrap=exp.n_bootstrap, seed=cfg.seed,
+                            max_points=exp.max_points, n_projections=exp.n_projections)
     metrics = result.metrics()
     metrics.update(_with_lipschitz(cfg, selection, result.w1))
-    rows = [rec.row(hook, "-", int(cfg.seed), name, value, pooling=cfg.hook.pooling, text_format=exp.text.format)
+    rows = [rec.row(hook, "-", cfg.seed, name, value, pooling=cfg.hook.pooling, text_format=exp.text.format)
             for name, value in metrics.items() if isinstance(value, (int, float))]
     summary = {"hook": hook, **metrics, "pooling": cfg.hook.pooling, "text_format": exp.text.format}
     with rec.stage("report"):

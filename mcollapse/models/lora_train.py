@@ -81,8 +81,8 @@ class Trainer:
         self.seed = int(seed)
         self.eval_batch_size = int(eval_batch_size)
         self.trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=float(settings.lr),
-                                           weight_decay=float(settings.weight_decay))
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=settings.lr,
+                                           weight_decay=settings.weight_decay)
 
     def fit(self, train: list[Example], val: list[Example]) -> Outcome:
         outcome = self._resume()
@@ -91,7 +91,7 @@ class Trainer:
             return outcome
         if self.settings.gradient_checkpointing and self.decoder.device.type == "cuda":
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        for epoch in range(len(outcome.history) + 1, int(self.settings.epochs) + 1):
+        for epoch in range(len(outcome.history) + 1, self.settings.epochs + 1):
             train_loss, train_acc = self._epoch(train, epoch, outcome)
             self.model.eval()  # no dropout while validating
             val_loss, val_acc = answer_loss(self.decoder, val, self.parts, self.eval_batch_size)
@@ -105,7 +105,7 @@ class Trainer:
                 self._save_best()
             else:
                 outcome.bad_epochs += 1
-            outcome.done = outcome.bad_epochs >= int(self.settings.patience) or epoch == int(self.settings.epochs)
+            outcome.done = outcome.bad_epochs >= self.settings.patience or epoch == self.settings.epochs
             self._save_state(outcome)
             if outcome.done:
                 break
@@ -117,8 +117,8 @@ class Trainer:
         self.model.train()
         torch.manual_seed(self.seed * 1000 + epoch)  # dropout masks
         order = np.random.default_rng([self.seed, epoch]).permutation(len(train))
-        chunks = list(batches_of([train[i] for i in order], int(self.settings.batch_size)))
-        accum = int(self.settings.grad_accum)
+        chunks = list(batches_of([train[i] for i in order], self.settings.batch_size))
+        accum = self.settings.grad_accum
         total, tokens, correct = 0.0, 0, 0
         with progress_bar(f"LoRA epoch {epoch}", total=len(chunks)) as advance:
             for index, chunk in enumerate(chunks):
@@ -136,7 +136,7 @@ class Trainer:
         if outcome.steps == 0 and not any(p.grad is not None and bool(p.grad.abs().sum() > 0)
                                           for p in self.trainable):
             raise RuntimeError("the LoRA parameters got no gradient: the loss does not reach the adapter")
-        torch.nn.utils.clip_grad_norm_(self.trainable, float(self.settings.max_grad_norm))
+        torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         outcome.steps += 1
@@ -173,7 +173,7 @@ class Trainer:
         outcome = Outcome(**state["outcome"])
         outcome.resumed_at_epoch = len(outcome.history)
         if not outcome.done:
-            log.info("LoRA training resumes after epoch %d of %d", len(outcome.history), int(self.settings.epochs))
+            log.info("LoRA training resumes after epoch %d of %d", len(outcome.history), self.settings.epochs)
         return outcome
 
     def load_best(self) -> None:

@@ -100,7 +100,7 @@ def decoder_inputs(cfg, rec: RunRecorder, selection: Selection) -> DecoderInputs
     rec.extra_meta["checkpoint"] = family.checkpoint
     dataset = {"name": cfg.dataset.name, "fingerprint": selection.fingerprint}
     with rec.stage("adapter_sequences"):
-        sequences = adapter_sequences(family, selection.records, dataset, cache_dir, bool(cfg.strict))
+        sequences = adapter_sequences(family, selection.records, dataset, cache_dir, cfg.strict)
     texts = {r.id: (r.text or "") for r in selection.records}
     cut_ids = longer_than(selection.records, cfg.model.audio_window_s) if family.cuts_long_audio else []
     rec.counts.update({"n_usable": len(sequences.ids), "modal_skipped": sequences.skipped,
@@ -109,9 +109,9 @@ def decoder_inputs(cfg, rec: RunRecorder, selection: Selection) -> DecoderInputs
     if not sequences.ids:
         raise UserError(f"no sample of '{cfg.dataset.name}' could be read")
     return DecoderInputs(family, Decoder(family), sequences, texts, dataset, cache_dir,
-                         records={r.id: r for r in selection.records}, seed=int(cfg.seed),
+                         records={r.id: r for r in selection.records}, seed=cfg.seed,
                          stratify_by=cfg.dataset.stratify_by, cut_ids=frozenset(cut_ids),
-                         keep_cut_clips=bool(cfg.target.keep_cut_clips))
+                         keep_cut_clips=cfg.target.keep_cut_clips)
 
 
 def scored_ids(inputs: DecoderInputs, target: str, n: int | None, rec: RunRecorder, among=None,
@@ -153,14 +153,14 @@ def scored_ids(inputs: DecoderInputs, target: str, n: int | None, rec: RunRecord
 
 
 def _draw(inputs: DecoderInputs, ids: list[str], n: int | None) -> list[str]:
-    if n is not None and int(n) < 1:
+    if n is not None and n < 1:
         raise UserError(f"the number of samples to score must be positive (null: all), got {n}")
-    if n is None or int(n) >= len(ids):
+    if n is None or n >= len(ids):
         return list(ids)
     candidates = [inputs.records[i] for i in ids]
     stratum = next((name for name in (SPEAKER_FIELD, inputs.stratify_by)
                     if name and any(name in r.fields for r in candidates)), None)
-    return [r.id for r in select(candidates, int(n), stratum, inputs.seed)]
+    return [r.id for r in select(candidates, n, stratum, inputs.seed)]
 
 
 def ids_digest(ids: list[str]) -> str:
@@ -185,10 +185,10 @@ def modes(inputs: DecoderInputs, rec: RunRecorder, n_modes: int, ms_threshold: f
     """Modes of the modal pooled adapter outputs; rho against the pooled token embeddings of the
     same samples' texts (the LLM's input-embedding space, where the adapter output lives).
 
-    Every experiment that acts on the modes passes its experiment.n_modes, ms_threshold and
-    rho_normalization here, so they share one cached basis exactly when these agree."""
+    Experiments reach it through shared_modes, which passes the modes group's settings, so they
+    all share one cached basis."""
     if rho_normalization not in RHO_NORMALIZATIONS:
-        raise UserError(f"experiment.rho_normalization must be one of {', '.join(RHO_NORMALIZATIONS)}, "
+        raise UserError(f"modes.rho_normalization must be one of {', '.join(RHO_NORMALIZATIONS)}, "
                         f"got {rho_normalization!r}")
     seqs = inputs.sequences
     text_ids = inputs.with_text()
@@ -220,6 +220,13 @@ def modes(inputs: DecoderInputs, rec: RunRecorder, n_modes: int, ms_threshold: f
     return Modes(basis, alignment, path, key, text_ids)
 
 
+def shared_modes(cfg, inputs: DecoderInputs, rec: RunRecorder) -> Modes:
+    """The eigenbasis of the modes group's settings, the one every experiment on the modes reads."""
+    settings = cfg.modes
+    return modes(inputs, rec, settings.n_modes, settings.ms_threshold, tuple(settings.thresholds),
+                 rho_normalization=settings.rho_normalization)
+
+
 def eigenbasis_for(cfg, inputs: DecoderInputs, rec: RunRecorder):
     """`experiment.basis` (an eigenbasis.npz from a modes run), else the cached basis of this
     model x dataset x setting: (basis, alignment, where it came from)."""
@@ -233,12 +240,11 @@ def eigenbasis_for(cfg, inputs: DecoderInputs, rec: RunRecorder):
                             f"{inputs.sequences.arrays[0].shape[1]}")
         if meta.get("sequences_key") not in (None, inputs.sequences.key):
             log.warning("eigenbasis %s was fitted on other adapter outputs (%s)", exp.basis, meta.get("model"))
-        if alignment.rho_normalization != str(exp.rho_normalization):
+        if alignment.rho_normalization != cfg.modes.rho_normalization:
             log.warning("eigenbasis %s splits MS/TA with rho_normalization=%s, not the configured %s; its labels "
-                        "are used", exp.basis, alignment.rho_normalization, exp.rho_normalization)
-        return basis, alignment, str(exp.basis)
-    found = modes(inputs, rec, int(exp.n_modes), float(exp.ms_threshold),
-                  rho_normalization=str(exp.rho_normalization))
+                        "are used", exp.basis, alignment.rho_normalization, cfg.modes.rho_normalization)
+        return basis, alignment, exp.basis
+    found = shared_modes(cfg, inputs, rec)
     return found.basis, found.alignment, str(found.path)
 
 
@@ -415,10 +421,13 @@ def candidate_scores(inputs: DecoderInputs, zs: list[np.ndarray], answers: list[
 
 
 def batch_size_of(cfg) -> int:
-    size = cfg.experiment.get("batch_size") or cfg.model.batch_size
-    if int(size) < 1:
-        raise UserError(f"batch size must be positive, got {size}")
-    return int(size)
+    """The experiment's scoring batch (null: model.batch_size); validate checks both are positive."""
+    return cfg.experiment.batch_size or cfg.model.batch_size
+
+
+def gradient_batch_size(cfg) -> int:
+    """The shared gradient pass's batch (null: model.batch_size): part of that pass's cache key."""
+    return cfg.gradients.batch_size or cfg.model.batch_size
 
 
 def lipschitz_summary_path(cache_dir: Path, model_cfg, dataset: dict, target) -> Path:

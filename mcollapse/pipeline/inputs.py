@@ -42,7 +42,7 @@ def selection_digest(ids: list[str], fingerprint: str) -> str:
 def selected_records(cfg, rec: RunRecorder) -> Selection:
     with rec.stage("data"):
         records, info = load_records(cfg.dataset)
-        chosen = select(records, cfg.dataset.max_samples, cfg.dataset.stratify_by, int(cfg.seed))
+        chosen = select(records, cfg.dataset.max_samples, cfg.dataset.stratify_by, cfg.seed)
     rec.counts.update({"n_found": len(records), "n_selected": len(chosen),
                        "files_skipped_at_load": info.get("skipped", {})})
     if not chosen:
@@ -97,7 +97,7 @@ def modal_and_text(cfg, rec: RunRecorder, selection: Selection) -> ExtractedInpu
     rec.extra_meta["checkpoint"] = family.checkpoint
     cuts_long_audio = family.cuts_long_audio
     with rec.stage("extract_modal"):
-        modal = extract_modal(family, records, dataset, cfg.hook, cache_dir, bool(cfg.strict), int(cfg.flush_every))
+        modal = extract_modal(family, records, dataset, cfg.hook, cache_dir, cfg.strict, cfg.flush_every)
     text = None
     if text_source not in (None, "none"):
         if text_source != "self":
@@ -107,7 +107,7 @@ def modal_and_text(cfg, rec: RunRecorder, selection: Selection) -> ExtractedInpu
                 family = load_model(text_model_config(text_source, Path(config_dir())), cache_dir, cfg.device)
         with rec.stage("extract_text"):
             text = extract_text(family, records, dataset, cfg.hook, cache_dir,
-                                fmt=cfg.experiment.text.format, flush_every=int(cfg.flush_every))
+                                fmt=cfg.experiment.text.format, flush_every=cfg.flush_every)
     del family
     release_memory()
     rec.counts.update({

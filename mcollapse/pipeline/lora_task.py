@@ -34,7 +34,7 @@ def task_prompt(exp, modality: str, label: str, choices: list[str]) -> tuple[str
     if modality not in exp.system:
         raise UserError(f"experiment.system has no system prompt for {modality} models")
     entry = exp.questions[label]
-    system = str(exp.system[modality]).format(what=entry.what)
+    system = exp.system[modality].format(what=entry.what)
     user = f"QUESTION: {entry.question}\nCHOICES: {json.dumps(list(choices))}\n\n{INSTRUCTION}"
     return system, user
 

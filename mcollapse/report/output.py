@@ -93,6 +93,7 @@ class RunRecorder:
             "packages": _versions(),
             "python": platform.python_version(),
             "device": device,
+            "threads": torch.get_num_threads(),  # as chosen by the threads setting (config.threads)
             "stage_seconds": self.stages,
             "counts": self.counts,
             **self.extra_meta,

@@ -1,0 +1,164 @@
+"""Typed schemas for the experiment group and the settings experiments share.
+
+Every conf/experiment/<name>.yaml starts with `defaults: [base_<name>, _self_]`, so a wrong type
+(`experiment.n_samples=foo`) is refused when the config is composed, and experiments can use the
+values as they are. Settings several experiments must agree on live in their own groups, read by
+all of them: `modes` (the eigenbasis) and `gradients` (the shared per-sample gradient pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModesConfig:
+    """The eigenbasis of the pooled adapter output and its MS/TA split. modes, lipschitz, gradproj,
+    gmi, ablation and msswap all read these, so they share one cached basis."""
+
+    name: str = "default"
+    n_modes: int = 100  # top modes kept (capped at the data's numerical rank)
+    ms_threshold: float = 0.5  # modality-specific: rho < threshold
+    rho_normalization: str = "none"  # none (the paper's rho) | trace (rho * tr S_M / tr S_T)
+    thresholds: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 0.9])  # #MS sensitivity
+
+
+@dataclass
+class GradientsConfig:
+    """The per-sample gradient pass that lipschitz and gradproj share (and gmi when its
+    lipschitz_samples equals n_samples): the same samples, batched alike, give one cached pass."""
+
+    name: str = "default"
+    n_samples: Optional[int] = 1000  # usable samples, drawn seeded and stratified by speaker (null: all)
+    batch_size: Optional[int] = None  # LLM-only batch; null: model.batch_size
+
+
+@dataclass
+class TextSide:
+    source: str = "self"  # self | none | a model config name (llama, vicuna, ...)
+    format: str = "prompt"  # prompt | raw
+
+
+@dataclass
+class ExperimentConfig:
+    """What every experiment has: its name, which is also the module that runs it."""
+
+    name: str = "???"
+
+
+@dataclass
+class ScoredExperiment(ExperimentConfig):
+    """Experiments that score a draw of samples through the LLM, batch by batch."""
+
+    n_samples: Optional[int] = 200  # null: every scorable sample
+    batch_size: Optional[int] = None  # null: model.batch_size
+
+
+@dataclass
+class TextSideExperiment(ExperimentConfig):
+    """Experiments that also read the texts (transcripts, captions) through an LLM: probe, extract."""
+
+    text: TextSide = field(default_factory=TextSide)
+
+
+@dataclass
+class WassersteinExperiment(TextSideExperiment):
+    hook: str = "llm_layer"  # llm_layer | llm_final
+    pca_dims: int = 256
+    n_bootstrap: int = 200  # 0: W1 without intervals
+    max_points: int = 1000
+    n_projections: int = 256
+
+
+@dataclass
+class LipschitzExperiment(ExperimentConfig):
+    robust_quantile: float = 0.99
+    secant_samples: int = 100  # 0: no secant cross-check
+    secant_neighbours: int = 2
+    histogram_bins: int = 40
+
+
+@dataclass
+class GradprojExperiment(ExperimentConfig):
+    statistic: str = "mean"  # mean | rms
+
+
+@dataclass
+class GmiExperiment(ScoredExperiment):
+    n_alternatives: int = 15
+    estimator: str = "contrastive"  # contrastive | plugin
+    s: float = 1.0
+    n_boot: int = 2000
+    lipschitz_samples: Optional[int] = 200  # the L_log draw; equal to gradients.n_samples shares lipschitz's pass
+    bound_lipschitz: str = "p95"  # p95 | mean | max
+    probe_label: str = "transcript"
+
+
+@dataclass
+class AblationExperiment(ScoredExperiment):
+    rows_per_forward: Optional[int] = None  # null: 4 x batch size
+    basis: Optional[str] = None  # an eigenbasis.npz to use instead of the shared one
+    n_random: int = 10
+    ms_k: list[int] = field(default_factory=list)
+    variants: list[str] = field(default_factory=lambda: ["centred", "uncentred"])
+
+
+@dataclass
+class MsswapExperiment(ScoredExperiment):
+    group_by: str = "speaker"
+    n_draws: int = 3
+    basis: Optional[str] = None
+
+
+@dataclass
+class LoraQuestion:
+    what: str = "???"
+    question: str = "???"
+
+
+@dataclass
+class LoraExperiment(ExperimentConfig):
+    label: str = "emotion"
+    objective: str = "task"  # task | text
+    group_by: Optional[str] = "speaker"
+    val: float = 0.1
+    test: float = 0.2
+    max_new_tokens: int = 24
+    eval_batch_size: Optional[int] = None  # null: model.batch_size
+    system: dict[str, str] = field(default_factory=dict)  # modality -> system prompt with {what}
+    questions: dict[str, LoraQuestion] = field(default_factory=dict)
+
+
+@dataclass
+class ReportExperiment(ExperimentConfig):
+    run_subdir: str = "."  # the output dir under outputs/<name>/: a report is of no one model x dataset
+
+
+@dataclass
+class ReportSettings:
+    runs: Any = "???"  # a multirun dir, a run dir, a glob, or a list of them
+    inline_rows: int = 15
+
+
+@dataclass
+class VerifySettings:
+    expected: str = "paper"
+    allow_missing: bool = False
+
+
+EXPERIMENTS = {
+    "probe": TextSideExperiment, "extract": TextSideExperiment, "wasserstein": WassersteinExperiment,
+    "lipschitz": LipschitzExperiment, "gradproj": GradprojExperiment, "gmi": GmiExperiment,
+    "modes": ExperimentConfig, "ablation": AblationExperiment, "msswap": MsswapExperiment,
+    "lora": LoraExperiment, "report": ReportExperiment, "verify": ReportExperiment,
+}
+
+
+def register(cs: ConfigStore) -> None:
+    for name, schema in EXPERIMENTS.items():
+        cs.store(group="experiment", name=f"base_{name}", node=schema, package="experiment")
+    cs.store(group="modes", name="base_modes", node=ModesConfig)
+    cs.store(group="gradients", name="base_gradients", node=GradientsConfig)
