@@ -126,6 +126,7 @@ class RunConfig:
     experiment: Any = None
     report: Any = None  # experiment=report and experiment=verify
     verify: Any = None  # experiment=verify
+    cache: Any = None  # experiment=cache
     seed: int = 42
     device: str = "auto"
     strict: bool = False

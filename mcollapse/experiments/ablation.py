@@ -18,17 +18,10 @@ import torch
 from mcollapse.analysis.ablation import VARIANTS, conditions, empty_controls, project_out, summarise, variance_share
 from mcollapse.errors import UserError
 from mcollapse.experiments.common import recorder, selected_records
-from mcollapse.experiments.llm_side import (
-    batch_size_of,
-    decoder_inputs,
-    eigenbasis_for,
-    ids_digest,
-    scored_ids,
-    sharded_pass,
-)
-from mcollapse.extraction.cache import cache_key
+from mcollapse.experiments.llm_side import answers_key, batch_size_of, decoder_inputs, eigenbasis_for, scored_ids
 from mcollapse.models.decoder import compose, pad_sequences
 from mcollapse.report.decoder_figures import ablation_figure, print_ablation_table
+from mcollapse.store import entry, ids_digest, sharded_pass
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +64,13 @@ def run(cfg, run_dir: Path) -> dict:
 
     order = np.argsort([len(a) for a in seqs.arrays], kind="stable")
     batches = [order[s : s + batch] for s in range(0, len(order), batch)]
-    key = cache_key({"kind": "ablation", "sequences": inputs.decoder_key, "ids": ids_digest(ids),
+    fields = {"kind": "ablation", "sequences": inputs.decoder_key, "ids": ids_digest(ids),
                      "basis": basis_source, "target": target.name,
                      "columns": [(name, list(c.modes) if c else None) for name, _, c in columns],
-                     "reduction": target.reduction, "batch": batch, "dtype": str(inputs.family.dtype)})
-    table = sharded_pass(rec, inputs.cache_dir / "ablation" / key, batches, "ablation", losses)("losses")
+                     "reduction": target.reduction, "batch": batch, "dtype": str(inputs.family.dtype),
+              **answers_key(inputs, ids, target)}
+    table = sharded_pass(rec, entry(inputs.cache_dir, "ablation", fields).path, batches, "ablation", losses,
+                         inputs.cache_dir, fields)("losses")
 
     with rec.stage("statistics"):
         results = condition_summaries(table, columns, conds, exp.variants, basis.eigenvalues)

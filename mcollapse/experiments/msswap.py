@@ -21,17 +21,10 @@ from mcollapse.analysis.swap import draw_partners, kl_per_position, swap_shift
 from mcollapse.data.labels import derive_labels
 from mcollapse.errors import UserError
 from mcollapse.experiments.common import recorder, selected_records
-from mcollapse.experiments.llm_side import (
-    batch_size_of,
-    decoder_inputs,
-    eigenbasis_for,
-    ids_digest,
-    scored_ids,
-    sharded_pass,
-)
-from mcollapse.extraction.cache import cache_key
+from mcollapse.experiments.llm_side import answers_key, batch_size_of, decoder_inputs, eigenbasis_for, scored_ids
 from mcollapse.models.decoder import IGNORE, compose, pad_sequences
 from mcollapse.report.decoder_figures import msswap_figure, print_metrics
+from mcollapse.store import entry, ids_digest, sharded_pass
 
 SUBSPACES = ("MS", "TA")
 
@@ -82,10 +75,12 @@ def run(cfg, run_dir: Path) -> dict:
 
     batch = batch_size_of(cfg)
     batches = [np.arange(s, min(s + batch, len(ids))) for s in range(0, len(ids), batch)]
-    key = cache_key({"kind": "msswap", "sequences": inputs.decoder_key, "ids": ids_digest(ids), "basis": basis_source,
+    fields = {"kind": "msswap", "sequences": inputs.decoder_key, "ids": ids_digest(ids), "basis": basis_source,
                      "group_by": str(exp.group_by), "n_draws": n_draws, "seed": int(cfg.seed), "target": target.name,
-                     "reduction": target.reduction, "batch": batch, "dtype": str(inputs.family.dtype)})
-    gather = sharded_pass(rec, inputs.cache_dir / "msswap" / key, batches, "msswap", measure)
+                     "reduction": target.reduction, "batch": batch, "dtype": str(inputs.family.dtype),
+              **answers_key(inputs, ids, target)}
+    gather = sharded_pass(rec, entry(inputs.cache_dir, "msswap", fields).path, batches, "msswap", measure,
+                          inputs.cache_dir, fields)
     data = {name: gather(name) for name in ["loss_base"] + [f"{k}_{s}" for k in ("kl", "dce", "shift")
                                                                for s in SUBSPACES]}
     with rec.stage("statistics"):
