@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mcollapse.config import register, validate
-from mcollapse.errors import EXIT_FAILED, EXIT_USER_ERROR, UserError
+from mcollapse.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from mcollapse.experiments import experiment_module
 from mcollapse.report.runs import FAILED
 from mcollapse.runtime import release_memory, seed_everything, set_threads
@@ -30,6 +30,7 @@ log = logging.getLogger("mcollapse")
 
 _failed_jobs: list[str] = []
 _job_started = False  # Hydra exits 1 on a composition error (a bad override) before any job starts
+_cache_dir: str | None = None  # named in the line printed on Ctrl-C
 
 
 def config_dir() -> str:
@@ -85,8 +86,9 @@ register()
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def _app(cfg: DictConfig) -> None:
-    global _job_started
+    global _job_started, _cache_dir
     _job_started = True
+    _cache_dir = str(cfg.paths.cache_dir)
     try:
         _run(cfg)
     except Exception as err:  # noqa: BLE001 - a sweep job's failure must not end the sweep
@@ -107,6 +109,11 @@ def _app(cfg: DictConfig) -> None:
 def main() -> None:
     try:
         _app()
+    except KeyboardInterrupt:
+        where = f" in {_cache_dir}" if _cache_dir else ""
+        print(f"mcollapse: interrupted; every finished cache entry, shard and batch is saved{where}, "
+              "and re-running the same command resumes from them", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except SystemExit as exit_:
         if exit_.code == EXIT_FAILED and not _job_started:  # Hydra printed why the config did not compose
             sys.exit(EXIT_USER_ERROR)

@@ -131,6 +131,7 @@ class RunConfig:
     experiment: Any = None
     report: Optional[experiment_config.ReportSettings] = None  # experiment=report and experiment=verify
     verify: Optional[experiment_config.VerifySettings] = None  # experiment=verify
+    cache: Optional[experiment_config.CacheSettings] = None  # experiment=cache
     seed: int = 42
     device: str = "auto"
     strict: bool = False

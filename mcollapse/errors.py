@@ -6,6 +6,7 @@ EXIT_FAILED = 1  # an unexpected error (with its traceback), or a sweep in which
 EXIT_USER_ERROR = 2  # a bad override, config value, path or dataset: fix the command or the data
 EXIT_CHECKS_FAILED = 3  # experiment=verify: results disagree with the expected values
 EXIT_NOTHING_MEASURED = 4  # the run finished but produced no measurement (every probe skipped)
+EXIT_INTERRUPTED = 130  # Ctrl-C: what finished is saved, and the same command resumes
 
 
 class UserError(Exception):

@@ -149,11 +149,20 @@ class VerifySettings:
     allow_missing: bool = False
 
 
+@dataclass
+class CacheSettings:
+    action: str = "list"  # list | verify | prune
+    kind: Optional[str] = None  # only this kind of entry (null: all)
+    model: Optional[str] = None  # only entries of this model config (null: all)
+    older_than_days: Optional[float] = None  # prune: only entries last written longer ago
+    dry_run: bool = True  # prune: list what would be deleted; false deletes it
+
+
 EXPERIMENTS = {
     "probe": TextSideExperiment, "extract": TextSideExperiment, "wasserstein": WassersteinExperiment,
     "lipschitz": LipschitzExperiment, "gradproj": GradprojExperiment, "gmi": GmiExperiment,
     "modes": ExperimentConfig, "ablation": AblationExperiment, "msswap": MsswapExperiment,
-    "lora": LoraExperiment, "report": ReportExperiment, "verify": ReportExperiment,
+    "lora": LoraExperiment, "report": ReportExperiment, "verify": ReportExperiment, "cache": ReportExperiment,
 }
 
 

@@ -23,12 +23,9 @@ if str(REPO_ROOT) not in sys.path:
 
 import pytest  # noqa: E402
 
-from mcollapse.extraction.cache import (  # noqa: E402
-    FORMAT_VERSION,
-    Activations,
-    ActivationStore,
-    cache_key,
-)
+from mcollapse.extraction.cache import Activations, ActivationStore  # noqa: E402
+from mcollapse.store.digest import FORMAT_VERSION  # noqa: E402
+from mcollapse.store.digest import key as cache_key  # noqa: E402
 
 HOOK_DIMS = {"encoder_output": 6, "llm_layer.16": 5}
 BATCH = 3
@@ -355,7 +352,7 @@ def test_resume_after_kill_minus_nine_is_byte_identical(tmp_path):
     assert_identical(resumed, expected)
     assert len(resumed.ids) == len(set(resumed.ids))
     assert sorted([*resumed.ids, *resumed.skipped], key=ids.index) == ids
-    assert sorted(p.name for p in entry.iterdir()) == ["activations.h5", "entry.json", "lock"]
+    assert sorted(p.name for p in entry.iterdir()) == [".lock", "activations.h5", "entry.json"]
 
 
 def plant_unpublished_files(tmp_path: Path, entry: Path, ids: list[str]) -> None:

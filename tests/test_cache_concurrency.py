@@ -17,10 +17,11 @@ import filelock
 import numpy as np
 import pytest
 
-from mcollapse.extraction.cache import cache_lock
 from mcollapse.extraction.sequences import Sequences
-from mcollapse.pipeline.decoder_side import modes, sharded_pass
+from mcollapse.pipeline.decoder_side import modes
 from mcollapse.report.output import RunRecorder
+from mcollapse.store import lock as cache_lock
+from mcollapse.store import sharded_pass
 
 N_ROWS = 7
 BATCH = 3
@@ -56,6 +57,7 @@ class _FakeInputs:
         self.sequences = Sequences(ids, arrays, key="seq-key")
         self.family = type("Family", (), {"cfg": type("Cfg", (), {"name": "fake"})})()
         self.dataset = {"name": "clips"}
+        self.texts = {i: f"text of {i}" for i in ids}
         self.decoder_key = "seq-key"
         self.cache_dir = cache_dir
         self._calls_log = calls_log
@@ -116,7 +118,7 @@ def test_cache_lock_blocks_other_holders_and_creates_its_folder(tmp_path, caplog
         with pytest.raises(filelock.Timeout):
             filelock.FileLock(str(lock_file)).acquire(timeout=0)
 
-    caplog.set_level(logging.INFO, logger="mcollapse.extraction.cache")
+    caplog.set_level(logging.INFO, logger="mcollapse.store.lock")
     holder = filelock.FileLock(str(lock_file))
     holder.acquire(timeout=0)
     entered = threading.Event()

@@ -33,12 +33,13 @@ def test_selection_digest_follows_the_selected_ids_and_the_dataset(monkeypatch, 
 
 def test_wasserstein_takes_l_only_from_a_lipschitz_run_over_the_same_selection(tmp_path):
     from mcollapse.experiments.wasserstein import _with_lipschitz
-    from mcollapse.pipeline.decoder_side import lipschitz_summary_path, write_json
+    from mcollapse.pipeline.decoder_side import lipschitz_summary_entry
+    from mcollapse.store import write_json
 
     cfg = SimpleNamespace(paths=SimpleNamespace(cache_dir=str(tmp_path)), model=SimpleNamespace(name="m", lora=None),
                           dataset=SimpleNamespace(name="d"), target=SimpleNamespace(name="content", reduction="sum"))
     selection = common.Selection([], "f" * 16, "s1")
-    path = lipschitz_summary_path(tmp_path, cfg.model, {"name": "d", "fingerprint": "f" * 16}, cfg.target)
+    path = lipschitz_summary_entry(tmp_path, cfg.model, {"name": "d", "fingerprint": "f" * 16}, cfg.target).path
     assert "no lipschitz result" in _with_lipschitz(cfg, selection, 2.0)["lipschitz_missing"]
     write_json(path, {"L_mean": 1.5, "L_p95": 3.0, "n_samples": 7, "L_space": "adapter_output",
                       "selection_digest": "s1", "run_dir": "r"})

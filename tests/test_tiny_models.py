@@ -263,7 +263,7 @@ def test_failed_build_leaves_no_partial_directory(tmp_path, monkeypatch):
 def test_staging_left_by_a_killed_build_is_cleaned_up(tmp_path, monkeypatch):
     monkeypatch.setitem(tiny.BUILDERS, "tiny_llama", lambda out_dir: (out_dir / "x").write_text(""))
     target_name = f"tiny_llama-{tiny.builder_fingerprint('tiny_llama')}"
-    leftover = tmp_path / "models" / f".{target_name}.staging-killed"
+    leftover = tmp_path / "models" / f".tmp-killed-{target_name}"
     leftover.mkdir(parents=True)
     (leftover / "model.safetensors").write_bytes(b"partial")
 

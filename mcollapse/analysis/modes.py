@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,17 +335,9 @@ def save_basis(path, basis: Eigenbasis, alignment: ModeAlignment | None = None, 
             thresholds=np.array(alignment.thresholds),
             n_text=np.array(alignment.n_text),
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, target)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    from mcollapse.store import write_npz  # the one atomic, durable writer
+
+    write_npz(target, **arrays)
     return target
 
 

@@ -29,6 +29,7 @@ from mcollapse.data.media import load_media
 from mcollapse.data.selection import natural_key, select
 from mcollapse.data.text import TEXT_NORMALIZATIONS, normalize_text
 from mcollapse.errors import DataError, UserError
+from mcollapse.store.digest import ContentDigests
 
 __all__ = [
     "FORMATS",
@@ -87,24 +88,27 @@ def _ensure_generated(name: str, generator_name: str, options: dict, roots: list
     return generated
 
 
-def _fingerprint(parts: list[tuple[str, list[Record]]], marker: dict | None, text_normalization: str) -> str:
-    """Changes when ids, files (by size), generator options or the text normalisation change;
-    cache keys can use it. `none` adds nothing, so fingerprints from before the setting still hold."""
+def _fingerprint(parts: list[tuple[str, list[Record]]], marker: dict | None, text_normalization: str,
+                 digests: ContentDigests) -> str:
+    """Changes when ids, file names or contents, generator options or the text normalisation
+    change; cache keys use it. Texts are not in it: the keys that read texts digest them."""
     digest = hashlib.sha256(json.dumps(marker, sort_keys=True).encode())
     if text_normalization != "none":
         digest.update(f"text_normalization\0{text_normalization}\n".encode())
     for fmt, records in parts:
         for record in records:
-            size = record.path.stat().st_size
-            digest.update(f"{fmt}\0{record.id}\0{record.path.name}\0{size}\n".encode())
+            content = digests(record.path)
+            digest.update(f"{fmt}\0{record.id}\0{record.path.name}\0{content}\n".encode())
+    digests.save()
     return digest.hexdigest()
 
 
-def load_records(dataset_cfg) -> tuple[list[Record], dict]:
+def load_records(dataset_cfg, digests: ContentDigests | None = None) -> tuple[list[Record], dict]:
     """All records of a dataset config, sorted by id, and a summary of what was skipped and why.
 
     The summary holds `n_records`, `skipped` ({"<format>: <reason>": count}), per-part counts,
-    whether a synthetic set was generated now, and a content `fingerprint`.
+    whether a synthetic set was generated now, and a content `fingerprint` (media hashed through
+    `digests`, which can keep the hashes between runs).
     """
     name = str(getattr(dataset_cfg, "name", "dataset"))
     parts = list(dataset_cfg.parts or [])
@@ -168,6 +172,6 @@ def load_records(dataset_cfg) -> tuple[list[Record], dict]:
         "parts": per_part,
         "generated": generated,
         "generator": marker,
-        "fingerprint": _fingerprint(loaded, marker, text_normalization),
+        "fingerprint": _fingerprint(loaded, marker, text_normalization, digests or ContentDigests()),
     }
     return records, info

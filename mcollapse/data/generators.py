@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
-import uuid
 from pathlib import Path
 from types import ModuleType
 
-from filelock import FileLock
-
 from mcollapse.errors import DataError, UserError
+from mcollapse.store.build import build_once
 
 log = logging.getLogger(__name__)
 
@@ -81,34 +78,22 @@ def generate(name: str, out_dir: Path, options: dict | None = None) -> bool:
     resolved = resolve_options(name, options)
     stamp = _stamp(name, resolved)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out_dir.parent / f".{out_dir.name}.lock")):
-        if read_marker(out_dir) == stamp:
-            return False
-        if out_dir.exists() and read_marker(out_dir) is None:
+
+    def current(path: Path) -> bool:
+        marker = read_marker(path)
+        if marker is None and path.exists():
             raise DataError(
-                f"{out_dir} exists but was not written by the {name} generator; "
+                f"{path} exists but was not written by the {name} generator; "
                 "move it away or point paths.data_root elsewhere"
             )
-        # leftovers of an interrupted run; safe to remove since we hold the lock
-        for pattern in (f".{out_dir.name}.tmp-*", f".{out_dir.name}.old-*"):
-            for stale in out_dir.parent.glob(pattern):
-                shutil.rmtree(stale, ignore_errors=True)
-        tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        started = time.perf_counter()
-        try:
-            module.write(tmp, resolved)
-            (tmp / MARKER).write_text(json.dumps(stamp, indent=2, sort_keys=True), encoding="utf-8")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if out_dir.exists():  # an older generated set: swap, then delete it
-            old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-        log.info("generated %s into %s in %.1f s", name, out_dir, time.perf_counter() - started)
-        return True
+        return marker == stamp
+
+    def write(staging: Path) -> None:
+        module.write(staging, resolved)
+        (staging / MARKER).write_text(json.dumps(stamp, indent=2, sort_keys=True), encoding="utf-8")
+
+    started = time.perf_counter()
+    if not build_once(out_dir, write, current, f"{name} data in {out_dir}"):
+        return False
+    log.info("generated %s into %s in %.1f s", name, out_dir, time.perf_counter() - started)
+    return True

@@ -32,14 +32,14 @@ from mcollapse.pipeline.decoder_side import (
     decoder_inputs,
     gradient_batch_size,
     gradients,
-    lipschitz_summary_path,
+    lipschitz_summary_entry,
     scored_ids,
     secant_scores,
     shared_modes,
-    write_json,
 )
 from mcollapse.pipeline.inputs import recorder, selected_records
 from mcollapse.report.decoder_figures import lipschitz_histogram, print_metrics
+from mcollapse.store import write_json
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ def run(cfg, run_dir: Path) -> dict:
     details = {"histogram": gradient_norm_histogram(grads.norms, exp.histogram_bins),
                "modes_artifact": str(mode_set.path) if mode_set else None}
     rec.write(rows, summary, details)
-    write_json(lipschitz_summary_path(inputs.cache_dir, cfg.model, inputs.dataset, target),
-               {**summary, "run_dir": str(run_dir)})
+    write_json(lipschitz_summary_entry(inputs.cache_dir, cfg.model, inputs.dataset, target).path,
+               {**summary, "run_dir": str(run_dir), "model": cfg.model.name, "dataset": cfg.dataset.name})
     print_metrics(f"L_log: {cfg.model.name} x {cfg.dataset.name} (target={target.name})", summary, SHOWN)
     return summary
 

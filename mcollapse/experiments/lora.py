@@ -26,19 +26,18 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from mcollapse import store
 from mcollapse.analysis.answers import task_scores
 from mcollapse.analysis.splits import group_split
 from mcollapse.data.labels import derive_labels
 from mcollapse.errors import UserError
 from mcollapse.experiments.probe import probe_inputs
-from mcollapse.extraction.cache import cache_key
 from mcollapse.extraction.extract import extract_modal, model_identity
 from mcollapse.extraction.sequences import adapter_sequences
 from mcollapse.models import load_model
 from mcollapse.models.decoder import Decoder
 from mcollapse.models.lora import attach
 from mcollapse.models.lora_train import Example, Trainer, answer_loss
-from mcollapse.pipeline.decoder_side import write_json
 from mcollapse.pipeline.inputs import recorder, selected_records
 from mcollapse.pipeline.lora_task import answer_tokens, evaluate, task_prompt
 from mcollapse.report.lora_report import confusion_figure, print_lora_table, probe_change_figure, training_figure
@@ -81,7 +80,7 @@ def labelled_split(cfg, records, rec) -> tuple[dict[str, str], dict[str, list[st
 
 def _write_split(path: Path, cfg, split: dict, group_of: dict, gold: dict) -> None:
     exp = cfg.experiment
-    write_json(path, {
+    store.write_json(path, {
         "seed": cfg.seed, "group_by": exp.group_by, "val_share": exp.val, "test_share": exp.test,
         "label": exp.label,
         **{part: {"ids": ids, "groups": sorted({group_of[i] for i in ids}),
@@ -197,11 +196,11 @@ def run(cfg, run_dir: Path) -> dict:
         raise UserError(f"objective '{exp.objective}' leaves no training or validation samples")
     peft_model = attach(family.model, cfg.lora)
     n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    state_key = cache_key({
+    state = store.entry(cache_dir, "lora", {
         **model_identity(family), "dataset": dataset, "sequences": sequences.key, "kind": "lora",
         "split": {p: split[p] for p in ("train", "val")}, "objective": exp.objective, "label": label,
         "prompt": train_parts, "lora": OmegaConf.to_container(cfg.lora, resolve=True), "seed": cfg.seed})
-    trainer = Trainer(decoder, peft_model, cfg.lora, train_parts, cache_dir / "lora" / state_key, cfg.seed,
+    trainer = Trainer(decoder, peft_model, cfg.lora, train_parts, state.path, cfg.seed,
                       eval_batch)
     with rec.stage("train"):
         outcome = trainer.fit(train, val)

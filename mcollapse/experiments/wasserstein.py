@@ -22,7 +22,7 @@ from rich.table import Table  # noqa: E402
 from mcollapse.analysis.wasserstein import fit_pca_basis, w1_between  # noqa: E402
 from mcollapse.errors import UserError  # noqa: E402
 from mcollapse.models.roles import hook_name  # noqa: E402
-from mcollapse.pipeline.decoder_side import lipschitz_summary_path  # noqa: E402
+from mcollapse.pipeline.decoder_side import lipschitz_summary_entry  # noqa: E402
 from mcollapse.pipeline.inputs import modal_and_text, recorder, selected_records  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -80,18 +80,24 @@ def _with_lipschitz(cfg, selection, w1: float) -> dict:
     As in the paper, L is a norm over the adapter-output sequence and W1 is between pooled clouds
     at an LLM hook: the product is a scale comparison, not the bound's exact term."""
     dataset = {"name": cfg.dataset.name, "fingerprint": selection.fingerprint}
-    path = lipschitz_summary_path(Path(cfg.paths.cache_dir), cfg.model, dataset, cfg.target)
-    if not path.is_file():
+    summary = lipschitz_summary_entry(Path(cfg.paths.cache_dir), cfg.model, dataset, cfg.target)
+    if not summary.path.is_file():
         return {"lipschitz_missing": f"no lipschitz result for {cfg.model.name} x {cfg.dataset.name} "
                                      f"(target={cfg.target.name}): run experiment=lipschitz for L x W1"}
-    found = json.loads(path.read_text())
+    try:
+        found = json.loads(summary.path.read_text())
+        found["L_mean"], found["L_p95"]  # noqa: B018 - an entry without them is unreadable
+    except (ValueError, KeyError, TypeError) as error:
+        summary.quarantine(summary.path, error)
+        return {"lipschitz_missing": f"the lipschitz summary entry {summary.key} was unreadable (moved aside): "
+                                     "rerun experiment=lipschitz for L x W1"}
     if found.get("selection_digest") != selection.digest:
         return {"lipschitz_missing": f"the lipschitz result {found.get('run_dir')} is over another dataset selection "
                                      "(or does not name it): rerun experiment=lipschitz with this selection"}
     return {"L_mean": found["L_mean"], "L_p95": found["L_p95"], "L_mean_x_W1": found["L_mean"] * w1,
             "L_p95_x_W1": found["L_p95"] * w1, "lipschitz_target": cfg.target.name,
             "lipschitz_space": found.get("L_space"), "n_lipschitz": found.get("n_samples"),
-            "lipschitz_run": found.get("run_dir")}
+            "lipschitz_run": found.get("run_dir"), "lipschitz_entry": f"{summary.kind}/{summary.key}"}
 
 
 def run(cfg, run_dir: Path) -> dict:

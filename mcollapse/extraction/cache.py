@@ -8,7 +8,7 @@ Layout of one entry, ``<cache_dir>/activations/<key>/``::
 
     entry.json          key fields, key, format version, sample count and ids digest (for humans
                         and to catch callers whose key fields do not pin the sample selection)
-    lock                inter-process lock file (flock; the OS drops it if the holder dies)
+    .lock               inter-process lock file (flock; the OS drops it if the holder dies)
     shards/shard-*.h5   rows and skip records written since the previous flush; each appears
                         under its final name only after it is complete and fsynced
     activations.h5      the consolidated entry; its presence alone means "complete"
@@ -21,7 +21,6 @@ leaves only complete shards (trusted) and temporary files (ignored, removed unde
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -32,63 +31,26 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import filelock
 import h5py
 import numpy as np
 
+from mcollapse import store
+from mcollapse.store.atomic import TMP_PREFIX as _TMP_PREFIX
+from mcollapse.store.atomic import publish as _publish
+from mcollapse.store.digest import FORMAT_VERSION
+from mcollapse.store.lock import is_read_only_error, read_only
+
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-"""Bump when the stored layout or the meaning of stored vectors changes; it is part of every key."""
-
-_FORMAT_FIELD = "cache_format_version"
-_KEY_HEX_CHARS = 16
+_KIND = "activations"
 _FINAL_NAME = "activations.h5"
 _ENTRY_NAME = "entry.json"
-_LOCK_NAME = "lock"
 _SHARD_DIR = "shards"
 _SHARD_PREFIX = "shard-"
-_TMP_PREFIX = ".tmp-"
 _CHUNK_TARGET_BYTES = 1 << 20
 _CHUNK_CACHE_BYTES = 16 << 20
 _MAX_IDS_IN_MESSAGE = 10
-
-
-def _json_default(value: Any) -> Any:
-    """Turn paths into strings; refuse anything else so a key never depends on a ``repr``."""
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(
-        f"cache key field of type {type(value).__name__} is not JSON-serialisable; "
-        "convert it (e.g. OmegaConf.to_container) before building the key"
-    )
-
-
-def _canonical_json(fields: dict) -> str:
-    return json.dumps(
-        fields,
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        allow_nan=False,
-        default=_json_default,
-    )
-
-
-def cache_key(fields: dict) -> str:
-    """Short sha256 of the canonical JSON of ``fields`` plus the cache format version."""
-    if _FORMAT_FIELD in fields:
-        raise ValueError(f"key field name {_FORMAT_FIELD!r} is reserved by the activation cache")
-    canonical = _canonical_json({**fields, _FORMAT_FIELD: FORMAT_VERSION})
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:_KEY_HEX_CHARS]
-
-
-def _ids_digest(ids: list[str]) -> str:
-    return hashlib.sha256(_canonical_json(ids).encode("utf-8")).hexdigest()
 
 
 def _repeated(ids: list[str]) -> list[str]:
@@ -102,48 +64,8 @@ def _name_ids(ids: Iterable[str]) -> str:
     return shown + (f" (and {more} more)" if more > 0 else "")
 
 
-@contextlib.contextmanager
-def cache_lock(lock_file: Path) -> Iterator[None]:
-    """Hold the inter-process lock ``lock_file`` while checking for, and computing, a cached artifact.
-
-    Concurrent jobs needing the same artifact then compute it once: the others wait, and must look
-    again after acquiring, since the holder may have written it meanwhile. flock-based, so the OS
-    drops the lock if its holder dies; waiting is logged, so a job that seems idle says why.
-    """
-    lock_file = Path(lock_file)
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(str(lock_file))
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        log.info("waiting for another process holding %s", lock_file)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _fsync_path(path: Path) -> None:
-    """fsync a file or directory by path (a directory fsync makes a rename durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp_path: Path, final_path: Path) -> None:
-    """Make a fully written temporary file visible under its final name, durably."""
-    _fsync_path(tmp_path)
-    os.replace(tmp_path, final_path)
-    _fsync_path(final_path.parent)
-
-
 def _write_json_atomically(path: Path, payload: dict) -> None:
-    tmp_path = path.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
-    tmp_path.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=_json_default))
-    _publish(tmp_path, path)
+    store.write_json(path, payload, default=str, ensure_ascii=False)
 
 
 def _string_dataset(group: h5py.Group, name: str, values: list[str]) -> None:
@@ -165,6 +87,16 @@ def _contiguous_runs(positions: np.ndarray) -> Iterator[tuple[int, int, int]]:
     stops = np.concatenate((breaks, [len(positions)]))
     for start, stop in zip(starts.tolist(), stops.tolist()):
         yield int(positions[start]), start, stop
+
+
+class UnknownHooks(KeyError):
+    """Hooks asked for that the entry does not hold (a caller's error, not a corrupt entry)."""
+
+
+class CorruptEntry(Exception):
+    def __init__(self, path: Path, error: BaseException):
+        super().__init__(f"{path}: {error}")
+        self.path, self.error = path, error
 
 
 @dataclass
@@ -201,16 +133,15 @@ class ActivationStore:
         if duplicates:
             raise ValueError(f"sample ids must be unique; repeated: {_name_ids(duplicates)}")
 
-        self.key_fields: dict = json.loads(_canonical_json(key_fields))
-        self.key: str = cache_key(key_fields)
-        self.path: Path = Path(cache_dir) / "activations" / self.key
+        self.key_fields: dict = json.loads(store.canonical_json(key_fields))
+        self.key: str = store.key(key_fields)
+        self._entry = store.entry(cache_dir, _KIND, key_fields)
+        self.path: Path = self._entry.path
         self.flush_every = flush_every
         self._ids = ids
         self._position = {sample_id: n for n, sample_id in enumerate(ids)}
         self._final_path = self.path / _FINAL_NAME
         self._shard_dir = self.path / _SHARD_DIR
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._file_lock = filelock.FileLock(str(self.path / _LOCK_NAME))
         self._check_or_write_entry_json()
 
         # On-disk state, extended incrementally as new shards appear.
@@ -233,25 +164,27 @@ class ActivationStore:
     def _check_or_write_entry_json(self) -> None:
         """Record what this entry is; refuse to mix two sample selections under one key."""
         entry_path = self.path / _ENTRY_NAME
-        digest = _ids_digest(self._ids)
+        digest = store.ids_digest(self._ids)
         if entry_path.exists():
             recorded = json.loads(entry_path.read_text())
-            if recorded.get("ids_sha256") != digest:
+            if recorded.get("ids_digest", digest) != digest:
                 raise ValueError(
                     f"activation cache entry {self.key} was created for a different list of sample "
                     "ids; the key fields must include the sample selection"
                 )
             return
-        _write_json_atomically(
-            entry_path,
-            {
-                "key": self.key,
-                "format_version": FORMAT_VERSION,
-                "key_fields": self.key_fields,
-                "n_ids": len(self._ids),
-                "ids_sha256": digest,
-            },
-        )
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            _write_json_atomically(entry_path, self._entry_record(digest))
+        except OSError as error:
+            if not is_read_only_error(error):
+                raise
+            if not self.is_complete():  # a complete entry is served as it is
+                raise read_only(self.path.parent, f"activations entry {self.key}") from None
+
+    def _entry_record(self, digest: str) -> dict:
+        return {"key": self.key, "format_version": FORMAT_VERSION, "key_fields": self.key_fields,
+                "n_ids": len(self._ids), "ids_digest": digest}
 
     def _refresh(self, remove_leftovers: bool) -> None:
         """Pick up shards published since the last look (possibly by another process).
@@ -347,7 +280,7 @@ class ActivationStore:
         Buffered rows are flushed when the block exits (also on error: they are valid rows).
         Raises ``filelock.Timeout`` (a ``TimeoutError``) if ``timeout`` seconds pass first.
         """
-        with self._file_lock.acquire(timeout=-1 if timeout is None else timeout):
+        with self._entry.lock(timeout):
             self._refresh(remove_leftovers=True)
             try:
                 yield self
@@ -466,7 +399,7 @@ class ActivationStore:
         with h5py.File(tmp_path, "w", locking=False, rdcc_nbytes=_CHUNK_CACHE_BYTES) as f:
             f.attrs["key"] = self.key
             f.attrs["format_version"] = FORMAT_VERSION
-            f.attrs["key_fields"] = _canonical_json(self.key_fields)
+            f.attrs["key_fields"] = store.canonical_json(self.key_fields)
             f.attrs["hooks"] = json.dumps(hooks)
             _string_dataset(f, "ids", present)
             _string_dataset(f, "skipped_ids", skipped)
@@ -499,26 +432,49 @@ class ActivationStore:
         self._shards.clear()
 
     def read(self, hooks: Iterable[str] | None = None) -> Activations:
-        """Load the complete entry (all hooks, or only ``hooks``) with one HDF5 open."""
+        """Load the complete entry (all hooks, or only ``hooks``) with one HDF5 open.
+
+        A final file that cannot be read is moved aside (see :meth:`read_if_sound`)."""
         if not self.is_complete():
             raise ValueError(
                 f"activation cache entry {self.key} is incomplete; "
                 f"{len(self.pending_ids())} ids pending"
             )
-        with h5py.File(self._final_path, "r", locking=False) as f:
-            stored_hooks = json.loads(f.attrs["hooks"])
-            wanted = stored_hooks if hooks is None else list(hooks)
-            unknown = [h for h in wanted if h not in stored_hooks]
-            if unknown:
-                raise KeyError(f"hooks {unknown} not in cache entry {self.key} ({stored_hooks})")
-            return Activations(
-                ids=_read_strings(f, "ids"),
-                vectors={hook: f["vectors"][hook][()] for hook in wanted},
-                skipped=dict(
-                    zip(_read_strings(f, "skipped_ids"), _read_strings(f, "skipped_reasons"))
-                ),
-                key_fields=json.loads(f.attrs["key_fields"]),
-            )
+        try:
+            with h5py.File(self._final_path, "r", locking=False) as f:
+                stored_hooks = json.loads(f.attrs["hooks"])
+                wanted = stored_hooks if hooks is None else list(hooks)
+                unknown = [h for h in wanted if h not in stored_hooks]
+                if unknown:
+                    raise UnknownHooks(f"hooks {unknown} not in cache entry {self.key} ({stored_hooks})")
+                return Activations(
+                    ids=_read_strings(f, "ids"),
+                    vectors={hook: f["vectors"][hook][()] for hook in wanted},
+                    skipped=dict(
+                        zip(_read_strings(f, "skipped_ids"), _read_strings(f, "skipped_reasons"))
+                    ),
+                    key_fields=json.loads(f.attrs["key_fields"]),
+                )
+        except UnknownHooks:
+            raise
+        except (OSError, KeyError, ValueError) as error:
+            raise CorruptEntry(self._final_path, error) from error
+
+    def read_if_sound(self, hooks: Iterable[str] | None = None) -> Activations | None:
+        """The complete entry, or None: absent, or corrupt (then moved aside, to be recomputed)."""
+        if not self.is_complete():
+            return None
+        try:
+            return self.read(hooks)
+        except CorruptEntry as corrupt:
+            try:
+                self._entry.quarantine(corrupt.path, corrupt.error)
+            except OSError as error:
+                if is_read_only_error(error):
+                    raise read_only(self.path.parent, f"a new activations entry {self.key} "
+                                    f"in place of the corrupt {corrupt.path}") from None
+                raise
+            return None
 
     # ------------------------------------------------------------------ helpers
 

@@ -7,7 +7,6 @@ stopped, shared by every experiment and sweep job that asks for the same key.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from mcollapse.extraction.pooling import masked_mean
 from mcollapse.models.base import LLM_ROLES, Batch, ModelFamily
 from mcollapse.models.roles import HookTarget, resolve_hooks
 from mcollapse.progress import progress_bar
+from mcollapse.store import ids_digest, texts_digest
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,6 @@ class Extraction:
     key: str
     computed: int = 0  # rows computed in this run (0: served from cache)
     skipped: dict[str, str] = field(default_factory=dict)
-
-
-def _ids_digest(records: list[Record]) -> str:
-    return hashlib.sha256("\n".join(r.id for r in records).encode()).hexdigest()[:16]
 
 
 def model_identity(family: ModelFamily) -> dict:
@@ -116,6 +112,10 @@ def _run(family, records, targets, key_fields, cache_dir, batch_size, flush_ever
 
     The order is a pure function of the pending set, so a resumed run forms the same batches."""
     store = ActivationStore(cache_dir, key_fields, [r.id for r in records], flush_every=flush_every)
+    served = store.read_if_sound()  # a complete entry is read without taking the write lock
+    if served is not None:
+        log.info("%s: served from cache %s", label, store.key)
+        return Extraction(served, targets, store.key, 0, dict(served.skipped))
     computed = 0
     with store.lock():
         if not store.is_complete():
@@ -201,7 +201,7 @@ def extract_modal(family: ModelFamily, records: list[Record], dataset: dict, hoo
     targets = hook_targets(family, hook_cfg)
     key = {
         **model_identity(family), "input": "modal", "dataset": dataset, "n": len(records),
-        "ids": _ids_digest(records), "hooks": [[t.name, t.path, t.capture] for t in targets],
+        "ids": ids_digest([r.id for r in records]), "hooks": [[t.name, t.path, t.capture] for t in targets],
         "pooling": hook_cfg.pooling, "prompt": family.render_prompt(),
         "window": family.cfg.audio_window_s,
     }
@@ -238,8 +238,8 @@ def extract_text(family: ModelFamily, records: list[Record], dataset: dict, hook
     prompt = family.render_prompt() if fmt == "prompt" and family.modality != "text" else None
     key = {
         **model_identity(family), "input": f"text:{fmt}", "dataset": dataset, "n": len(records),
-        "ids": _ids_digest(records), "hooks": [[t.name, t.path, t.capture] for t in targets],
-        "pooling": hook_cfg.pooling, "prompt": prompt,
+        "ids": ids_digest([r.id for r in records]), "texts": texts_digest(r.text for r in records),
+        "hooks": [[t.name, t.path, t.capture] for t in targets], "pooling": hook_cfg.pooling, "prompt": prompt,
     }
 
     def make_batch(chunk, store):

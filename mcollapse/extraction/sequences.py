@@ -15,24 +15,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
+import logging
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mcollapse import store as cache_store
 from mcollapse.data.base import Record
 from mcollapse.errors import UserError
-from mcollapse.extraction.cache import cache_key, cache_lock
 from mcollapse.extraction.extract import audio_seconds, model_identity, readable_samples
 from mcollapse.extraction.hooks import capture
 from mcollapse.models.base import ModelFamily
 from mcollapse.progress import progress_bar
+from mcollapse.store.lock import is_read_only_error, read_only
+
+log = logging.getLogger(__name__)
 
 _FP16_MAX = 60000.0  # below float16's max with room for rounding
-_LOCK_NAME = ".lock"
 
 
 @dataclass
@@ -57,24 +59,30 @@ class Sequences:
 
 class SequenceStore:
     def __init__(self, cache_dir: Path, key_fields: dict):
-        self.key = cache_key({**key_fields, "kind": "adapter_sequences"})
-        self.root = Path(cache_dir) / "sequences" / self.key
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.entry = cache_store.entry(cache_dir, "sequences", {**key_fields, "kind": "adapter_sequences"})
+        self.key = self.entry.key
+        self.root = self.entry.path
+        self._key_fields = key_fields
+
+    def _record_entry(self) -> None:
+        """entry.json (the key fields, for humans and `experiment=cache`), written with the first row."""
         entry = self.root / "entry.json"
         if not entry.exists():
-            self._publish_text(entry, json.dumps({"key": self.key, "fields": key_fields}, indent=2, default=str))
+            cache_store.write_json(entry, {"key": self.key, "fields": self._key_fields}, default=str)
 
     def _stem(self, sample_id: str) -> Path:
         return self.root / hashlib.sha256(sample_id.encode()).hexdigest()[:24]
 
-    def _publish_text(self, path: Path, text: str) -> None:
-        tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-
     def get(self, sample_id: str) -> np.ndarray | None:
+        """The stored output, or None: absent, or unreadable (then moved aside, to be recomputed)."""
         path = self._stem(sample_id).with_suffix(".npy")
-        return np.load(path) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            return np.load(path)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            self.entry.quarantine(path, error)
+            return None
 
     def skip_reason(self, sample_id: str) -> str | None:
         path = self._stem(sample_id).with_suffix(".skip.json")
@@ -85,16 +93,12 @@ class SequenceStore:
             raise UserError(f"adapter output of sample {sample_id} is not finite (NaN/Inf)")
         if np.abs(array).max(initial=0.0) < _FP16_MAX:
             array = array.astype(np.float16)
-        path = self._stem(sample_id).with_suffix(".npy")
-        tmp = path.with_name(f".tmp-{uuid.uuid4().hex}.npy")
-        with open(tmp, "wb") as handle:
-            np.save(handle, array)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with cache_store.atomic_path(self._stem(sample_id).with_suffix(".npy")) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, array)
 
     def put_skip(self, sample_id: str, reason: str) -> None:
-        self._publish_text(self._stem(sample_id).with_suffix(".skip.json"), json.dumps({"reason": reason}))
+        cache_store.write_json(self._stem(sample_id).with_suffix(".skip.json"), {"reason": reason}, indent=None)
 
     def missing(self, records: list[Record]) -> list[Record]:
         """The records with neither a stored output nor a skip record."""
@@ -153,15 +157,23 @@ def adapter_sequences(family: ModelFamily, records: list[Record], dataset: dict,
            "window": family.cfg.audio_window_s}
     store = SequenceStore(cache_dir, key)
     computed = 0
+    found = {r.id: store.get(r.id) for r in records}  # a complete entry is read without the lock
     if store.missing(records):
-        with cache_lock(store.root / _LOCK_NAME):
-            # Another job may have computed them while this one waited for the lock.
-            todo = store.missing(records)
-            if todo:
-                computed = _compute(family, target, store, todo, strict, f"{family.cfg.name}/{dataset['name']}")
+        try:
+            with store.entry.lock():
+                # Another job may have computed them while this one waited for the lock.
+                todo = store.missing(records)
+                if todo:
+                    store._record_entry()
+                    computed = _compute(family, target, store, todo, strict, f"{family.cfg.name}/{dataset['name']}")
+        except OSError as error:
+            if is_read_only_error(error):
+                raise read_only(store.root.parent, f"adapter sequences {store.key}") from None
+            raise
+        found.update({i: store.get(i) for i, array in found.items() if array is None})
     ids, arrays, skipped = [], [], {}
     for record in records:
-        array = store.get(record.id)
+        array = found[record.id]
         if array is None:
             skipped[record.id] = store.skip_reason(record.id) or "missing"
             continue

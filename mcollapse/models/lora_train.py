@@ -14,9 +14,6 @@ epoch's sample order and dropout masks are seeded by (seed, epoch).
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import torch
 
 from mcollapse.models.decoder import Decoder, compose, pad_sequences
 from mcollapse.progress import progress_bar
+from mcollapse.store import atomic_path, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -147,19 +145,11 @@ class Trainer:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         state = {"adapter": get_peft_model_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
                  "outcome": {k: v for k, v in vars(outcome).items() if k != "resumed_at_epoch"}}
-        tmp = self.state_dir / f".tmp-{uuid.uuid4().hex}.pt"
-        torch.save(state, tmp)
-        os.replace(tmp, self.state_dir / STATE_FILE)
+        with atomic_path(self.state_dir / STATE_FILE) as tmp:
+            torch.save(state, tmp)
 
     def _save_best(self) -> None:
-        tmp = self.state_dir / f".tmp-{uuid.uuid4().hex}"
-        self.model.save_pretrained(str(tmp))
-        best = self.state_dir / BEST_DIR
-        old = self.state_dir / f".old-{uuid.uuid4().hex}"
-        if best.exists():
-            os.replace(best, old)
-        os.replace(tmp, best)
-        shutil.rmtree(old, ignore_errors=True)
+        publish_dir(self.state_dir / BEST_DIR, lambda staging: self.model.save_pretrained(str(staging)))
 
     def _resume(self) -> Outcome:
         from peft import set_peft_model_state_dict

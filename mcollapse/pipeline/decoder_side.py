@@ -8,11 +8,7 @@ lock: concurrent jobs wanting the same output wait for it rather than compute it
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +29,6 @@ from mcollapse.analysis.modes import (
 from mcollapse.data import select
 from mcollapse.data.base import Record
 from mcollapse.errors import UserError
-from mcollapse.extraction.cache import cache_key, cache_lock
 from mcollapse.extraction.extract import longer_than
 from mcollapse.extraction.sequences import Sequences, adapter_sequences
 from mcollapse.models import load_model
@@ -42,6 +37,7 @@ from mcollapse.models.decoder import Decoder, compose, pad_sequences
 from mcollapse.pipeline.inputs import Selection
 from mcollapse.progress import progress_bar
 from mcollapse.report.output import RunRecorder
+from mcollapse.store import entry, ids_digest, sharded_pass, texts_digest
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +159,6 @@ def _draw(inputs: DecoderInputs, ids: list[str], n: int | None) -> list[str]:
     return [r.id for r in select(candidates, n, stratum, inputs.seed)]
 
 
-def ids_digest(ids: list[str]) -> str:
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
-
-
 # ---------------------------------------------------------------------------------------------
 # The eigenbasis of the pooled adapter output, aligned against text in the same space
 
@@ -194,15 +186,22 @@ def modes(inputs: DecoderInputs, rec: RunRecorder, n_modes: int, ms_threshold: f
     text_ids = inputs.with_text()
     if len(text_ids) < 3:
         raise UserError(f"mode alignment needs texts for at least 3 samples, found {len(text_ids)}")
-    key = cache_key({"kind": "modes", "sequences": inputs.decoder_key, "ids": ids_digest(seqs.ids),
-                     "text_ids": ids_digest(text_ids),
-                     "n_modes": int(n_modes), "ms_threshold": float(ms_threshold),
-                     "thresholds": [float(t) for t in thresholds], "rho_normalization": rho_normalization})
-    path = inputs.cache_dir / "modes" / f"{key}.npz"
+    found = entry(inputs.cache_dir, "modes",
+                  {"kind": "modes", "sequences": inputs.decoder_key, "ids": ids_digest(seqs.ids),
+                   "text_ids": ids_digest(text_ids), "texts": texts_digest(inputs.texts[i] for i in text_ids),
+                   "n_modes": int(n_modes), "ms_threshold": float(ms_threshold),
+                   "thresholds": [float(t) for t in thresholds], "rho_normalization": rho_normalization},
+                  suffix=".npz")
+    key, path = found.key, found.path
     basis = alignment = None
     with rec.stage("modes"):
-        if not path.is_file():
-            with cache_lock(path.with_name(f"{key}.lock")):
+        if path.is_file():
+            try:
+                basis, alignment, _ = load_basis(path)
+            except UserError as error:  # unreadable: moved aside and computed again
+                found.quarantine(path, error)
+        if basis is None:
+            with found.lock():
                 if not path.is_file():  # else another job saved it while this one waited
                     basis = eigenbasis(seqs.pooled(), n_modes=int(n_modes))
                     text = np.stack([inputs.text_sequence(i).astype(np.float64).mean(axis=0) for i in text_ids])
@@ -273,13 +272,10 @@ class Gradients:
     reduction: str
 
 
-def _save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}.npz")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def answers_key(inputs: DecoderInputs, ids: list[str], target) -> dict:
+    """Key fields for a pass whose answers are the samples' texts (target=content): an edited
+    transcript makes a new pass."""
+    return {"texts": texts_digest(inputs.texts[i] for i in ids)} if target.name == "content" else {}
 
 
 def gradients(inputs: DecoderInputs, rec: RunRecorder, ids: list[str], target, batch_size: int,
@@ -291,49 +287,17 @@ def gradients(inputs: DecoderInputs, rec: RunRecorder, ids: list[str], target, b
     answers = [inputs.answer(i) for i in ids] if target.name == "content" else None
     extra = np.array([len(a) for a in answers]) if answers else np.zeros(len(ids), dtype=int)
     order = np.argsort(lengths + extra, kind="stable")
-    key = cache_key({"kind": "gradients", "version": GRADIENT_SHARDS_VERSION, "sequences": inputs.decoder_key,
-                     "ids": ids_digest(ids),
-                     "target": target.name, "reduction": target.reduction, "batch_size": int(batch_size),
-                     "modes": mode_set.key if mode_set else None, "dtype": str(inputs.family.dtype)})
+    fields = {"kind": "gradients", "version": GRADIENT_SHARDS_VERSION, "sequences": inputs.decoder_key,
+              "ids": ids_digest(ids), "target": target.name, "reduction": target.reduction,
+              "batch_size": int(batch_size), "modes": mode_set.key if mode_set else None,
+              "dtype": str(inputs.family.dtype)}
+    fields.update(answers_key(inputs, ids, target))
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    gather = sharded_pass(rec, inputs.cache_dir / "gradients" / key, batches, "gradients",
-                          lambda rows: _gradient_batch(inputs, seqs, rows, answers, target, mode_set))
+    gather = sharded_pass(rec, entry(inputs.cache_dir, "gradients", fields).path, batches, "gradients",
+                          lambda rows: _gradient_batch(inputs, seqs, rows, answers, target, mode_set),
+                          inputs.cache_dir, fields)
     return Gradients(ids, gather("norms"), gather("shift_norms"), gather("scores"), gather("n_scored"), lengths,
                      gather("mode_magnitudes"), gather("mean_grad_magnitudes"), target.name, target.reduction)
-
-
-def sharded_pass(rec: RunRecorder, root: Path, batches: list[np.ndarray], label: str, compute):
-    """Run `compute(rows) -> {name: per-row array}` over the batches, each result a durable shard,
-    so an interrupted pass resumes where it stopped. Returns `gather(name)`: that array over all
-    rows in their original order (None if the pass does not produce it). Missing shards are computed
-    under a lock on `root`, so concurrent jobs running the same pass compute each batch once."""
-    root.mkdir(parents=True, exist_ok=True)
-    shards = [root / f"batch-{b:05d}.npz" for b in range(len(batches))]
-    rec.counts[f"{label}_batches"] = len(batches)
-    rec.counts[f"{label}_batches_from_cache"] = len(batches)
-    with rec.stage(label):
-        if not all(shard.is_file() for shard in shards):
-            with cache_lock(root / ".lock"):
-                done = sum(shard.is_file() for shard in shards)  # another job may have written some meanwhile
-                if done:
-                    log.info("%s: %d of %d batches already cached", label, done, len(batches))
-                rec.counts[f"{label}_batches_from_cache"] = done
-                with progress_bar(label, total=len(batches)) as advance:
-                    for shard, rows in zip(shards, batches):
-                        if not shard.is_file():
-                            _save_npz(shard, rows=np.asarray(rows), **compute(rows))
-                        advance(1)
-    parts = [np.load(shard) for shard in shards]
-    position = np.concatenate([p["rows"] for p in parts])
-    inverse = np.empty_like(position)
-    inverse[position] = np.arange(len(position))
-
-    def gather(name):
-        if name not in parts[0]:
-            return None
-        return np.concatenate([p[name] for p in parts])[inverse]
-
-    return gather
 
 
 def _gradient_batch(inputs, seqs, rows, answers, target, mode_set) -> dict:
@@ -430,15 +394,10 @@ def gradient_batch_size(cfg) -> int:
     return cfg.gradients.batch_size or cfg.model.batch_size
 
 
-def lipschitz_summary_path(cache_dir: Path, model_cfg, dataset: dict, target) -> Path:
-    """Where a lipschitz run leaves its summary for later experiments (W1 x L, the GMI bound)."""
-    model = f"{model_cfg.name}{llm_suffix(model_cfg)}"
-    name = f"{model}-{dataset['name']}-{dataset['fingerprint'][:12]}-{target.name}-{target.reduction}.json"
-    return Path(cache_dir) / "summaries" / "lipschitz" / name
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
-    os.replace(tmp, path)
+def lipschitz_summary_entry(cache_dir: Path, model_cfg, dataset: dict, target):
+    """The store entry where a lipschitz run leaves its summary for later experiments (W1 x L);
+    a run that reads it records its key."""
+    return entry(cache_dir, "lipschitz_summary",
+                 {"model": f"{model_cfg.name}{llm_suffix(model_cfg)}", "dataset": dataset["name"],
+                  "fingerprint": dataset["fingerprint"], "target": target.name, "reduction": target.reduction},
+                 suffix=".json")

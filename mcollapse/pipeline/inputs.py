@@ -19,6 +19,7 @@ from mcollapse.extraction.extract import Extraction, extract_modal, extract_text
 from mcollapse.models import load_model
 from mcollapse.report.output import RunRecorder
 from mcollapse.runtime import release_memory
+from mcollapse.store import ContentDigests, entry
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ def selection_digest(ids: list[str], fingerprint: str) -> str:
 
 def selected_records(cfg, rec: RunRecorder) -> Selection:
     with rec.stage("data"):
-        records, info = load_records(cfg.dataset)
+        memo = entry(cfg.paths.cache_dir, "media_digests", {"dataset": str(cfg.dataset.name)}, suffix=".json")
+        records, info = load_records(cfg.dataset, ContentDigests(memo.path))
         chosen = select(records, cfg.dataset.max_samples, cfg.dataset.stratify_by, cfg.seed)
     rec.counts.update({"n_found": len(records), "n_selected": len(chosen),
                        "files_skipped_at_load": info.get("skipped", {})})

@@ -7,17 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mcollapse.analysis.modes import Eigenbasis, ModeAlignment
-from mcollapse.extraction.cache import cache_key
-from mcollapse.pipeline.decoder_side import (
-    DecoderInputs,
-    batch_size_of,
-    decoder_inputs,
-    eigenbasis_for,
-    ids_digest,
-    sharded_pass,
-)
+from mcollapse.pipeline.decoder_side import DecoderInputs, answers_key, batch_size_of, decoder_inputs, eigenbasis_for
 from mcollapse.pipeline.inputs import Selection, recorder, selected_records
 from mcollapse.report.output import RunRecorder
+from mcollapse.store import entry, ids_digest, sharded_pass
 
 
 @dataclass
@@ -41,10 +34,13 @@ def start_mode_edits(cfg, run_dir: Path) -> ModeEditRun:
 
 
 def cached_pass(cfg, run: ModeEditRun, kind: str, ids: list[str], batches, compute, **key_fields):
-    """`compute(rows)` over `batches` as a resumable sharded pass, cached under `<cache>/<kind>/<key>`; the key
-    covers the sequences, the scored samples, the basis, the target, the batching and the dtype, plus
-    `key_fields` (what else the experiment's numbers depend on). Returns the pass's `gather(name)`."""
-    key = cache_key({"kind": kind, "sequences": run.inputs.decoder_key, "ids": ids_digest(ids),
-                     "basis": run.basis_source, "target": cfg.target.name, "reduction": cfg.target.reduction,
-                     "batch": batch_size_of(cfg), "dtype": str(run.inputs.family.dtype), **key_fields})
-    return sharded_pass(run.rec, run.inputs.cache_dir / kind / key, batches, kind, compute)
+    """`compute(rows)` over `batches` as a resumable sharded pass, a store entry of `kind`; the key
+    covers the sequences, the scored samples (and their texts under target=content), the basis, the
+    target, the batching and the dtype, plus `key_fields` (what else the experiment's numbers depend
+    on). Returns the pass's `gather(name)`."""
+    inputs = run.inputs
+    fields = {"kind": kind, "sequences": inputs.decoder_key, "ids": ids_digest(ids), "basis": run.basis_source,
+              "target": cfg.target.name, "reduction": cfg.target.reduction, "batch": batch_size_of(cfg),
+              "dtype": str(inputs.family.dtype), **key_fields, **answers_key(inputs, ids, cfg.target)}
+    return sharded_pass(run.rec, entry(inputs.cache_dir, kind, fields).path, batches, kind, compute,
+                        inputs.cache_dir, fields)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import platform
 import subprocess
 import time
@@ -14,6 +13,8 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from mcollapse.store.atomic import atomic_path, write_text
 
 ROW_COLUMNS = ["experiment", "model", "dataset", "hook", "info_type", "seed", "metric", "value"]
 PACKAGES = ("mcollapse", "torch", "transformers", "peft", "numpy", "scikit-learn", "hydra-core", "h5py", "pot")
@@ -38,12 +39,6 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return found
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -73,16 +68,14 @@ class RunRecorder:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         payload = {**self.identity, "summary": {**self.summary_fields, **summary}, "counts": self.counts,
                    "rows": rows, **(details or {})}
-        _atomic_write(self.run_dir / "results.json", json.dumps(payload, indent=2, default=_plain))
+        write_text(self.run_dir / "results.json", json.dumps(payload, indent=2, default=_plain))
         columns = list(ROW_COLUMNS)
         for row in rows:
             columns += [k for k in row if k not in columns]
-        tmp = self.run_dir / "results.csv.tmp"
-        with tmp.open("w", newline="") as handle:
+        with atomic_path(self.run_dir / "results.csv") as tmp, tmp.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.run_dir / "results.csv")
         self.write_meta()
 
     def write_meta(self) -> None:
@@ -98,7 +91,7 @@ class RunRecorder:
             "counts": self.counts,
             **self.extra_meta,
         }
-        _atomic_write(self.run_dir / "meta.json", json.dumps(meta, indent=2, default=_plain))
+        write_text(self.run_dir / "meta.json", json.dumps(meta, indent=2, default=_plain))
 
 
 def _plain(value):

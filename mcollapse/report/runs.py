@@ -100,6 +100,25 @@ def _model_label(name: str, lora: str | None) -> str:
     return f"{name}+lora({lora})"  # the adapter has moved: still told apart from the base model
 
 
+REQUIRED = {"experiment": str, "model": str, "dataset": str}
+OPTIONAL = {"summary": dict, "rows": list, "counts": dict}
+
+
+def _read_results(path: Path) -> dict:
+    """A results.json with the fields a report reads; valid JSON without them is unreadable too."""
+    payload = json.loads(path.read_text())
+    if not isinstance(payload, dict):
+        raise ValueError(f"{RESULTS} holds a {type(payload).__name__}, not an object")
+    missing = [name for name in REQUIRED if name not in payload]
+    if missing:
+        raise ValueError(f"{RESULTS} lacks {', '.join(missing)}")
+    wrong = [name for name, kind in {**REQUIRED, **OPTIONAL}.items()
+             if name in payload and not isinstance(payload[name], kind)]
+    if wrong:
+        raise ValueError(f"{RESULTS} has the wrong type for {', '.join(wrong)}")
+    return payload
+
+
 def load_runs(specs: list[str] | str) -> RunSet:
     """Every finished run under `specs` (dirs, run dirs or globs), the failed ones listed apart."""
     if isinstance(specs, str):
@@ -115,9 +134,9 @@ def load_runs(specs: list[str] | str) -> RunSet:
     runs, unreadable = [], []
     for run_dir in done:
         try:
-            payload = json.loads((run_dir / RESULTS).read_text())
+            payload = _read_results(run_dir / RESULTS)
             experiment = payload["experiment"]
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError) as err:
             unreadable.append((str(run_dir), f"{type(err).__name__}: {err}"))
             continue
         if experiment in OWN_EXPERIMENTS:

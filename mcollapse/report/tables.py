@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mcollapse.store.atomic import atomic_path
 
 
 @dataclass
@@ -29,13 +30,11 @@ class Table:
         return [r for r in self.rows if all(str(r.get(k)) == str(v) for k, v in where.items())]
 
     def write_csv(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", newline="") as handle:
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore")
             writer.writeheader()
             for row in self.rows:
                 writer.writerow({c: _csv_value(row.get(c)) for c in self.columns})
-        os.replace(tmp, path)
 
     def markdown(self) -> str:
         shown = [c for c in self.columns if c not in self.pairs.values()]

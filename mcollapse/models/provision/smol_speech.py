@@ -21,15 +21,12 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import tempfile
 import time
 import zipfile
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 
 from mcollapse.data.base import SAMPLE_RATE
 from mcollapse.errors import UserError
@@ -91,44 +88,22 @@ def ensure_smol_speech(
     place when complete, under a file lock, so concurrent callers build it once and never see
     a half-written checkpoint.
     """
+    from mcollapse.store.build import build_once
+
     cache_dir = Path(cache_dir).expanduser()
     target = smol_speech_dir(cache_dir, window_seconds, projector_seed)
-    if (target / BUILD_INFO_FILE).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / BUILD_INFO_FILE).is_file():
-            return target
-        staging = target.parent / f".{target.name}.building"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(target, ignore_errors=True)  # an incomplete directory from elsewhere
+    built = {}
+
+    def build(staging: Path) -> None:
         started = time.perf_counter()
-        try:
-            info = _build_smol_speech(
-                cache_dir, staging, _window_seconds(window_seconds), int(projector_seed)
-            )
-            info["build_seconds"] = round(time.perf_counter() - started, 1)
-            info["params"] = _build_params(window_seconds, projector_seed)
-            (staging / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-            _match_file_modes(staging, reference=staging / BUILD_INFO_FILE)
-            os.rename(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        logger.info("Built smol_speech in %.0f s at %s", info["build_seconds"], target)
+        info = _build_smol_speech(cache_dir, staging, _window_seconds(window_seconds), int(projector_seed))
+        info["build_seconds"] = built["seconds"] = round(time.perf_counter() - started, 1)
+        info["params"] = _build_params(window_seconds, projector_seed)
+        (staging / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+    if build_once(target, build, lambda path: (path / BUILD_INFO_FILE).is_file(), f"smol_speech checkpoint {target}"):
+        logger.info("Built smol_speech in %.0f s at %s", built["seconds"], target)
     return target
-
-
-def _match_file_modes(directory: Path, reference: Path) -> None:
-    """Give every file the mode of `reference` (the umask's default).
-
-    Some writers create files owner-only (via temporary files); a cache shared by a group must
-    stay readable to it.
-    """
-    mode = reference.stat().st_mode & 0o777
-    for path in directory.iterdir():
-        if path.is_file():
-            path.chmod(mode)
 
 
 def projector_init_std(
@@ -239,7 +214,7 @@ def _build_smol_speech(cache_dir: Path, out_dir: Path, window_seconds: int, seed
         eos_token_id=text_config.eos_token_id,
         pad_token_id=text_config.pad_token_id,
     )
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     del model
 

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -20,7 +17,6 @@ from typing import Callable, Iterator
 
 import torch
 import transformers
-from filelock import FileLock
 
 from mcollapse.data.base import SAMPLE_RATE
 from mcollapse.models.twins import shapes
@@ -108,17 +104,6 @@ def quiet_progress_bars() -> Iterator[None]:
             transformers.utils.logging.enable_progress_bar()
 
 
-def make_shareable(directory: Path) -> None:
-    """Give the built files ordinary read permissions (rwxr-xr-x / rw-r--r--).
-
-    The staging directory from `mkdtemp` (and some files the writers create) are private
-    to the builder; a shared cache must be readable by whoever loads it later.
-    """
-    directory.chmod(0o755)
-    for path in directory.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
 def ensure_tiny_checkpoint(name: str, cache_dir: Path) -> Path:
     """Return the directory of tiny model `name`, building it on first use.
 
@@ -127,25 +112,13 @@ def ensure_tiny_checkpoint(name: str, cache_dir: Path) -> Path:
     """
     if name not in BUILDERS:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
-    models_dir = Path(cache_dir) / "models"
-    target = models_dir / f"{name}-{builder_fingerprint(name)}"
-    if target.is_dir():
-        return target
-    models_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(models_dir / f".{target.name}.lock")):
-        if target.is_dir():
-            return target
-        staging_prefix = f".{target.name}.staging-"
-        # Holding the lock, any staging dir for this target was left by a killed builder.
-        for leftover in models_dir.glob(f"{staging_prefix}*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=staging_prefix, dir=models_dir))
-        try:
-            with quiet_progress_bars():
-                BUILDERS[name](staging)
-            make_shareable(staging)
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    from mcollapse.store.build import build_once
+
+    target = Path(cache_dir) / "models" / f"{name}-{builder_fingerprint(name)}"
+
+    def build(staging: Path) -> None:
+        with quiet_progress_bars():
+            BUILDERS[name](staging)
+
+    build_once(target, build, Path.is_dir, f"tiny checkpoint {target.name}")
     return target

@@ -1,0 +1,105 @@
+"""Keys and digests: what makes two cached artifacts the same.
+
+A key is a short sha256 of the canonical JSON of its fields; media are identified by their content
+(hashed again only when a file's size or mtime changes) and texts by a digest of the texts, so an
+overwritten clip or an edited transcript never reuses stale entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_FIELD = "cache_format_version"
+FORMAT_VERSION = 1
+"""Bump when the stored layout or the meaning of stored values changes; it is part of every key."""
+
+KEY_HEX_CHARS = 16
+_HASH_BLOCK = 1 << 20
+
+
+def _json_default(value: Any) -> Any:
+    """Turn paths into strings; refuse anything else so a key never depends on a ``repr``."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(
+        f"cache key field of type {type(value).__name__} is not JSON-serialisable; "
+        "convert it (e.g. OmegaConf.to_container) before building the key"
+    )
+
+
+def canonical_json(fields) -> str:
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                      default=_json_default)
+
+
+def key(fields: dict) -> str:
+    """Short sha256 of the canonical JSON of ``fields`` plus the store's format version."""
+    if FORMAT_FIELD in fields:
+        raise ValueError(f"key field name {FORMAT_FIELD!r} is reserved by the store")
+    canonical = canonical_json({**fields, FORMAT_FIELD: FORMAT_VERSION})
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:KEY_HEX_CHARS]
+
+
+def ids_digest(ids) -> str:
+    """The digest of an ordered list of sample ids (in keys, entry records and run summaries)."""
+    return hashlib.sha256("\n".join(str(i) for i in ids).encode()).hexdigest()[:16]
+
+
+def texts_digest(texts) -> str:
+    """The digest of an ordered list of texts: an edited transcript changes it."""
+    digest = hashlib.sha256()
+    for text in texts:
+        encoded = (text or "").encode("utf-8")
+        digest.update(f"{len(encoded)}\0".encode())
+        digest.update(encoded)
+    return digest.hexdigest()[:16]
+
+
+class ContentDigests:
+    """sha256 of media files, hashed again only when a file's (size, mtime_ns) changes.
+
+    Overwriting a clip with other bytes of the same size changes its mtime, hence a new hash and a
+    new key. With `memo_path` the digests persist across runs (a read-only store just rehashes)."""
+
+    def __init__(self, memo_path: Path | None = None):
+        self.memo_path = Path(memo_path) if memo_path else None
+        self._memo: dict[str, list] = {}
+        self._changed = False
+        if self.memo_path is not None and self.memo_path.is_file():
+            try:
+                self._memo = json.loads(self.memo_path.read_text())
+            except (OSError, ValueError):
+                self._memo = {}  # an unreadable memo only costs a rehash
+
+    def __call__(self, path: Path) -> str:
+        stat = Path(path).stat()
+        name = os.fspath(Path(path).resolve())
+        found = self._memo.get(name)
+        if found and found[0] == stat.st_size and found[1] == stat.st_mtime_ns:
+            return found[2]
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while block := handle.read(_HASH_BLOCK):
+                digest.update(block)
+        self._memo[name] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+        self._changed = True
+        return digest.hexdigest()
+
+    def save(self) -> None:
+        if self.memo_path is None or not self._changed:
+            return
+        from mcollapse.store.atomic import write_json
+
+        try:
+            write_json(self.memo_path, self._memo, indent=None)
+        except OSError:
+            return  # a read-only store: the next run hashes again
+        self._changed = False
