@@ -23,5 +23,5 @@ def test_every_registered_experiment_has_a_run():
 
 @pytest.mark.parametrize("name", ["nope", "common", "llm_side"])
 def test_an_unknown_experiment_lists_the_known_ones(name):
-    with pytest.raises(UserError, match=f"experiment '{name}' is unknown \\(known: ablation, extract"):
+    with pytest.raises(UserError, match=f"experiment '{name}' is unknown \\(known: ablation, cache, extract"):
         experiment_module(name)

@@ -13,8 +13,9 @@ from mcollapse.report.output import RunRecorder
 
 def _select(monkeypatch, tmp_path, ids: list[str], fingerprint: str, max_samples=None) -> str:
     records = [Record(id=i, path=Path(f"{i}.wav"), modality="audio", text="x") for i in ids]
-    monkeypatch.setattr(common, "load_records", lambda dataset: (records, {"fingerprint": fingerprint}))
-    cfg = SimpleNamespace(dataset=SimpleNamespace(name="d", max_samples=max_samples, stratify_by=None), seed=0)
+    monkeypatch.setattr(common, "load_records", lambda dataset, digests=None: (records, {"fingerprint": fingerprint}))
+    cfg = SimpleNamespace(dataset=SimpleNamespace(name="d", max_samples=max_samples, stratify_by=None), seed=0,
+                          paths=SimpleNamespace(cache_dir=tmp_path / "cache"))
     rec = RunRecorder(tmp_path / f"run-{len(list(tmp_path.iterdir()))}", {"experiment": "x"})
     selection = common.selected_records(cfg, rec)
     rec.write([], {"value": 1.0})

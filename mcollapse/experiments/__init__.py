@@ -13,7 +13,7 @@ from mcollapse.errors import UserError
 
 EXPERIMENTS = {
     name: f"mcollapse.experiments.{name}"
-    for name in ("ablation", "extract", "gmi", "gradproj", "lipschitz", "lora", "modes", "msswap", "probe",
+    for name in ("ablation", "cache", "extract", "gmi", "gradproj", "lipschitz", "lora", "modes", "msswap", "probe",
                  "report", "verify", "wasserstein")
 }
 
