@@ -68,13 +68,18 @@ def _configure_console() -> None:
         hf_logging.disable_progress_bar()
 
 
-def _run(cfg: DictConfig) -> None:
-    _configure_console()
+def run_job(cfg: DictConfig, run_dir: Path) -> None:
+    """Validate, seed and run one composed config into run_dir: the job the CLI runs, callable
+    without a process of its own (the tests run most experiments this way)."""
     validate(cfg)
     seed_everything(cfg.seed)
     set_threads(cfg.threads, cfg.model.small)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     experiment_module(cfg.experiment.name).run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig) -> None:
+    _configure_console()
+    run_job(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 def _is_multirun() -> bool:

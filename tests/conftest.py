@@ -22,7 +22,8 @@ def shared_cache() -> Path:
 
 @pytest.fixture(scope="session")
 def env(tmp_path_factory, cache_dir) -> dict:
-    """Environment for CLI subprocesses: isolated data root and cache, this checkout, no hub."""
+    """Environment of every CLI run, in a subprocess or in-process: isolated data root and cache, this
+    checkout, no hub."""
     repo = Path(__file__).resolve().parents[1]
     data = tmp_path_factory.mktemp("data")
     return {**os.environ, "MCOLLAPSE_DATA": str(data), "MCOLLAPSE_CACHE": str(cache_dir),

@@ -1,17 +1,25 @@
-"""Small builders shared by tests: model configs and in-memory samples."""
+"""Small builders shared by tests: model configs, in-memory samples, and runs of the CLI's jobs."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
-from omegaconf import OmegaConf
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
 
-from mcollapse.cli import config_dir
+from mcollapse.cli import config_dir, run_job
 from mcollapse.config import ModelConfig
 from mcollapse.data.base import Record, Sample
+from mcollapse.errors import UserError
+from mcollapse.runtime import release_memory
 
 
 def model_cfg(name: str, **overrides):
@@ -53,6 +61,40 @@ def mcollapse(args, cwd, env, check=True, timeout=600):
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@dataclass
+class Outcome:
+    """What a job ended with: the CLI's exit status and the message of its one error line."""
+
+    exit_code: int
+    error: str = ""
+
+
+def run_experiment(overrides: list[str], cwd: Path, env: dict, check: bool = True) -> Outcome:
+    """Run one CLI job in this process: the config composed by Hydra's compose API from the same
+    overrides (with threads=1), the run dir where `mcollapse` puts it under cwd, the environment the
+    CLI would get. Saves starting an interpreter and importing torch and transformers per run; the
+    CLI itself (logging, exit statuses, sweeps) is tested through real processes in test_cli.py."""
+    threads = torch.get_num_threads()
+    try:
+        with mock.patch.dict(os.environ, env, clear=True), contextlib.chdir(cwd):
+            with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+                cfg = compose(config_name="config", overrides=["threads=1", *overrides], return_hydra_config=True)
+            run_dir = Path(cwd) / cfg.hydra.run.dir
+            with open_dict(cfg):
+                del cfg["hydra"]
+            (run_dir / ".hydra").mkdir(parents=True)  # as Hydra does: report and verify read the composed config
+            OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+            run_job(cfg, run_dir)
+    except UserError as err:
+        if check:
+            raise
+        return Outcome(err.exit_code, str(err))
+    finally:
+        torch.set_num_threads(threads)
+        release_memory()
+    return Outcome(0)
 
 
 def only_run_dir(root: Path) -> Path:

@@ -17,11 +17,11 @@ import filelock
 import numpy as np
 import pytest
 import soundfile
-from mcollapse.models.twins import ensure_tiny_checkpoint
 
 from mcollapse.data.base import Record
 from mcollapse.extraction.extract import extract_modal, extract_text
 from mcollapse.models import load_model
+from mcollapse.models.twins import ensure_tiny_checkpoint
 from mcollapse.report.runs import load_runs
 from mcollapse.store.lock import ReadOnlyStore
 from tests.helpers import audio_samples, mcollapse, model_cfg, only_run_dir

@@ -1,4 +1,7 @@
-"""The CLI end to end on tiny models: output contract, sweeps, failures, resume, user errors."""
+"""The CLI end to end on tiny models: output contract, sweeps, failures, resume, user errors.
+
+What is about the CLI itself (its files, logs, exit statuses, one-line errors, sweeps, a killed process)
+runs `mcollapse` in a process of its own; the experiments' results run in-process (run_experiment)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.helpers import mcollapse, only_run_dir
+from tests.helpers import mcollapse, only_run_dir, run_experiment
 
 SMALL_SPEECH = [
     "dataset.generate_options.n_speakers=4", "dataset.generate_options.n_per_class=8",
@@ -63,14 +66,14 @@ def test_sweep_isolates_a_failing_job_and_exits_nonzero(tmp_path, env):
 
 
 def test_tiny_llava_on_synthetic_vision(tmp_path, env):
-    mcollapse(["model=tiny_llava", "dataset=synthetic_vision", "dataset.max_samples=120"], tmp_path, env)
+    run_experiment(["model=tiny_llava", "dataset=synthetic_vision", "dataset.max_samples=120"], tmp_path, env)
     run = only_run_dir(tmp_path / "outputs" / "probe" / "tiny_llava" / "synthetic_vision")
     modal = json.loads((run / "results.json").read_text())["summary"]["probes"]["modal"]
     assert {"object_category", "super_category", "object_count"} <= set(modal)
 
 
 def test_tiny_ultravox_on_synthetic_speech(tmp_path, env):
-    mcollapse(["model=tiny_ultravox", "dataset=synthetic_speech", *SMALL_SPEECH], tmp_path, env)
+    run_experiment(["model=tiny_ultravox", "dataset=synthetic_speech", *SMALL_SPEECH], tmp_path, env)
     run = only_run_dir(tmp_path / "outputs" / "probe" / "tiny_ultravox" / "synthetic_speech")
     results = json.loads((run / "results.json").read_text())
     probes = results["summary"]["probes"]
@@ -79,8 +82,8 @@ def test_tiny_ultravox_on_synthetic_speech(tmp_path, env):
 
 
 def test_text_baseline_from_another_model(tmp_path, env):
-    mcollapse(["model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
-               "experiment.text.source=tiny_llama", "hook.roles=[adapter_output,llm_final]"], tmp_path, env)
+    run_experiment(["model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
+                    "experiment.text.source=tiny_llama", "hook.roles=[adapter_output,llm_final]"], tmp_path, env)
     run = only_run_dir(tmp_path / "outputs" / "probe" / "tiny_qwen2audio" / "synthetic_speech")
     summary = json.loads((run / "results.json").read_text())["summary"]
     assert set(summary["probes"]["text"]["lexical"]) == {"llm_final"}
@@ -171,8 +174,8 @@ def test_default_run_on_real_small_weights(tmp_path, env, shared_cache):
 
 
 def test_corrupt_audio_is_skipped_and_listed_or_fatal_when_strict(tmp_path, env):
-    mcollapse(["experiment=extract", "model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
-               "experiment.text.source=none"], tmp_path, env)  # makes sure the synthetic set exists
+    run_experiment(["experiment=extract", "model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
+                    "experiment.text.source=none"], tmp_path, env)  # makes sure the synthetic set exists
     source = Path(env["MCOLLAPSE_DATA"]) / "synthetic_speech" / "CREMA-D" / "AudioWAV"
     clips = sorted(source.glob("*.wav"))[:40]
     target = tmp_path / "data" / "CREMA-D" / "AudioWAV"
@@ -183,7 +186,7 @@ def test_corrupt_audio_is_skipped_and_listed_or_fatal_when_strict(tmp_path, env)
     (target / "notes.wav").write_bytes(b"")  # malformed name: skipped at indexing
     args = ["model=tiny_qwen2audio", "dataset=cremad", f"paths.data_root={tmp_path / 'data'}",
             "experiment.text.source=none", "hook.roles=[adapter_output]"]
-    mcollapse(args, tmp_path, env)
+    run_experiment(args, tmp_path, env)
     run = only_run_dir(tmp_path / "outputs" / "probe" / "tiny_qwen2audio" / "cremad")
     counts = json.loads((run / "results.json").read_text())["counts"]
     assert counts["n_selected"] == 40 and counts["n_modal"] == 39
@@ -195,16 +198,16 @@ def test_corrupt_audio_is_skipped_and_listed_or_fatal_when_strict(tmp_path, env)
 
 
 def test_wasserstein_between_modal_and_text_of_the_same_llm(tmp_path, env):
-    mcollapse(["experiment=wasserstein", "model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
-               "experiment.n_bootstrap=10"], tmp_path, env)
+    run_experiment(["experiment=wasserstein", "model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
+                    "experiment.n_bootstrap=10"], tmp_path, env)
     run = only_run_dir(tmp_path / "outputs" / "wasserstein" / "tiny_qwen2audio" / "synthetic_speech")
     summary = json.loads((run / "results.json").read_text())["summary"]
     assert summary["hook"] == "llm_layer_16" and summary["n_a"] == 96
     assert summary["w1_ci_low"] <= summary["w1"] <= summary["w1_ci_high"]
     assert summary["null_w1"] is not None and (run / "w1_clouds.png").is_file()
-    refused = mcollapse(["experiment=wasserstein", "model=tiny_qwen2audio", "experiment.text.source=tiny_llama"],
-                        tmp_path, env, check=False)
-    assert refused.returncode == 2 and "must be self" in refused.stderr
+    refused = run_experiment(["experiment=wasserstein", "model=tiny_qwen2audio", "experiment.text.source=tiny_llama"],
+                             tmp_path, env, check=False)
+    assert refused.exit_code == 2 and "must be self" in refused.error
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -241,9 +244,8 @@ def test_every_clip_silent_is_counted_and_exits_nothing_measured(tmp_path, env):
     _silent_cremad(tmp_path / "data")
     args = ["model=tiny_qwen2audio", "dataset=cremad", f"paths.data_root={tmp_path / 'data'}",
             "hook.roles=[adapter_output,llm_final]", "dataset.info_types=[lexical]", "probe.min_samples=4"]
-    proc = mcollapse(args, tmp_path, env, check=False)
-    assert proc.returncode == EXIT_NOTHING_MEASURED, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and "nothing" in proc.stderr.strip().splitlines()[-1]
+    outcome = run_experiment(args, tmp_path, env, check=False)
+    assert outcome.exit_code == EXIT_NOTHING_MEASURED and "nothing" in outcome.error
     run = only_run_dir(tmp_path / "outputs" / "probe" / "tiny_qwen2audio" / "cremad")
     results = json.loads((run / "results.json").read_text())
     assert results["counts"]["n_modal"] == 0

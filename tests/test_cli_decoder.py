@@ -1,4 +1,5 @@
-"""The decoder-side experiments end to end on the tiny twins: lipschitz, modes, gradproj, gmi."""
+"""The decoder-side experiments end to end on the tiny twins: lipschitz, modes, gradproj, gmi (run in-process;
+the CLI's own behaviour is test_cli's)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from mcollapse.analysis.modes import load_basis
-from tests.helpers import mcollapse, only_run_dir
+from tests.helpers import only_run_dir, run_experiment
 
 SPEECH = ["model=tiny_qwen2audio", "dataset=synthetic_speech", "dataset.generate_options.n_speakers=4",
           "dataset.generate_options.n_per_class=8", "dataset.max_samples=48"]
@@ -24,7 +25,7 @@ def _summary(root, experiment, model, dataset):
     (SPEECH, "tiny_qwen2audio", "synthetic_speech", "speaker"),
 ])  # the other twins run these experiments in the paper grid (test_cli_paper)
 def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, args, model, dataset, group):
-    mcollapse(["experiment=lipschitz", *args], tmp_path, env)
+    run_experiment(["experiment=lipschitz", *args], tmp_path, env)
     run, results = _summary(tmp_path, "lipschitz", model, dataset)
     s = results["summary"]
     assert s["target"] == "content" and s["reduction"] == "sum" and s["n_samples"] > 10
@@ -37,7 +38,7 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
     assert s["n_secant"] + s["n_secant_without_neighbour"] == min(100, s["n_samples"]) and s["n_secant"] > 0
     assert 0 < s["L_secant_median"] <= s["L_secant_max"] and len(s["selection_digest"]) == 16
 
-    mcollapse(["experiment=modes", *args], tmp_path, env)
+    run_experiment(["experiment=modes", *args], tmp_path, env)
     run, results = _summary(tmp_path, "modes", model, dataset)
     s = results["summary"]
     assert s["n_ms"] + s["n_ta"] == s["n_modes"] and 0 <= s["ms_variance_share"] <= 1
@@ -51,7 +52,8 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
 
     # the random-weight LLaVA twin has no mode below rho 0.5, so it gets its own threshold
     choice = [f"experiment.basis={run / 'eigenbasis.npz'}"] if s["n_ms"] else ["modes.ms_threshold=50"]
-    mcollapse(["experiment=ablation", *args, "experiment.n_random=3", "experiment.ms_k=[1]", *choice], tmp_path, env)
+    run_experiment(["experiment=ablation", *args, "experiment.n_random=3", "experiment.ms_k=[1]", *choice],
+                   tmp_path, env)
     abl_run, results = _summary(tmp_path, "ablation", model, dataset)
     conditions = {(r["variant"], r["condition"]): r for r in results["summary"]["conditions"]}
     assert {c for _, c in conditions} == {"ms_all", "ta_matched", "random", "ms_top1"}
@@ -65,8 +67,8 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
     header = (abl_run / "per_sample.csv").read_text().splitlines()[0]
     assert header.startswith("sample_id,loss_baseline,loss_centred/ms_all") and (abl_run / "ablation.png").is_file()
 
-    mcollapse(["experiment=msswap", *args, f"experiment.group_by={group}", "experiment.n_draws=2", *choice],
-              tmp_path, env)
+    run_experiment(["experiment=msswap", *args, f"experiment.group_by={group}", "experiment.n_draws=2", *choice],
+                   tmp_path, env)
     swap_run, results = _summary(tmp_path, "msswap", model, dataset)
     swap = results["summary"]
     assert swap["group_by"] == group and swap["n_groups"] >= 2 and swap["n_samples"] > 10
@@ -74,7 +76,7 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
     assert 0 <= swap["kl_MS_vs_TA_p"] <= 1 and (swap_run / "msswap.png").is_file()
     assert len((swap_run / "per_sample.csv").read_text().splitlines()) == 2 * swap["n_samples"] + 1
 
-    mcollapse(["experiment=gradproj", *args], tmp_path, env)
+    run_experiment(["experiment=gradproj", *args], tmp_path, env)
     run, results = _summary(tmp_path, "gradproj", model, dataset)
     counts = results["counts"]  # the lipschitz run's gradient pass, projections included, is reused
     assert counts["gradients_batches_from_cache"] == counts["gradients_batches"] > 0
@@ -82,7 +84,7 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
     assert s["n_samples"] > 10 and -1 <= s["spearman_r"] <= 1 and 0 <= s["spearman_p"] <= 1
     assert (run / "gradproj.png").is_file()
 
-    mcollapse(["experiment=gmi", *args, "experiment.n_alternatives=5", "experiment.n_boot=200"], tmp_path, env)
+    run_experiment(["experiment=gmi", *args, "experiment.n_alternatives=5", "experiment.n_boot=200"], tmp_path, env)
     run, results = _summary(tmp_path, "gmi", model, dataset)
     s = results["summary"]
     for kind in ("modal", "text"):
@@ -98,17 +100,17 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
     assert (scores["candidates"][:, 0] == np.arange(s["n_samples"])).all()
     assert (run / "gmi.png").is_file()
 
-    mcollapse(["experiment=wasserstein", *args, "experiment.n_bootstrap=5"], tmp_path, env)
+    run_experiment(["experiment=wasserstein", *args, "experiment.n_bootstrap=5"], tmp_path, env)
     _, results = _summary(tmp_path, "wasserstein", model, dataset)
     assert results["summary"]["lipschitz_target"] == "content" and results["summary"]["L_p95_x_W1"] > 0
 
 
 def test_wasserstein_reports_l_times_w1_after_a_lipschitz_run(tmp_path, env):
-    mcollapse(["experiment=lipschitz", *SPEECH, "target=reference"], tmp_path, env)
+    run_experiment(["experiment=lipschitz", *SPEECH, "target=reference"], tmp_path, env)
     _, lip = _summary(tmp_path, "lipschitz", "tiny_qwen2audio", "synthetic_speech")
     assert lip["summary"]["target"] == "reference" and lip["summary"]["reduction"] == "mean"
     assert lip["summary"]["n_samples"] == 48  # reference scores the prompt: samples without text count too
-    mcollapse(["experiment=wasserstein", *SPEECH, "target=reference", "experiment.n_bootstrap=5"], tmp_path, env)
+    run_experiment(["experiment=wasserstein", *SPEECH, "target=reference", "experiment.n_bootstrap=5"], tmp_path, env)
     _, w1 = _summary(tmp_path, "wasserstein", "tiny_qwen2audio", "synthetic_speech")
     s = w1["summary"]
     assert s["L_mean_x_W1"] == pytest.approx(lip["summary"]["L_mean"] * s["w1"])
@@ -116,21 +118,21 @@ def test_wasserstein_reports_l_times_w1_after_a_lipschitz_run(tmp_path, env):
 
 
 def test_user_errors_are_one_line(tmp_path, env):
-    proc = mcollapse(["experiment=gmi", *SPEECH, "target=reference"], tmp_path, env, check=False)
-    assert proc.returncode == 2 and "target=content" in proc.stderr.strip().splitlines()[-1]
-    proc = mcollapse(["experiment=gmi", *SPEECH, "target.reduction=mean"], tmp_path, env, check=False)
-    assert proc.returncode == 2 and "target.reduction=sum" in proc.stderr.strip().splitlines()[-1]
-    proc = mcollapse(["experiment=lipschitz", "model=tiny_llama", "dataset=synthetic_speech"], tmp_path, env,
-                     check=False)
-    assert proc.returncode == 2 and "text-only" in proc.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in proc.stderr
+    """Each refusal is a UserError, which the CLI prints as one line (test_cli checks that line)."""
+    outcome = run_experiment(["experiment=gmi", *SPEECH, "target=reference"], tmp_path, env, check=False)
+    assert outcome.exit_code == 2 and "target=content" in outcome.error
+    outcome = run_experiment(["experiment=gmi", *SPEECH, "target.reduction=mean"], tmp_path, env, check=False)
+    assert outcome.exit_code == 2 and "target.reduction=sum" in outcome.error
+    outcome = run_experiment(["experiment=lipschitz", "model=tiny_llama", "dataset=synthetic_speech"], tmp_path, env,
+                             check=False)
+    assert outcome.exit_code == 2 and "text-only" in outcome.error
 
 
 def test_clips_cut_to_the_window_are_counted_and_not_scored_for_content(tmp_path, env):
     window = ["model.audio_window_s=1.9"]  # about half the synthetic sentences are longer
     for name in ("skip", "keep"):
         (tmp_path / name).mkdir()
-    mcollapse(["experiment=lipschitz", *SPEECH, *window], tmp_path / "skip", env)
+    run_experiment(["experiment=lipschitz", *SPEECH, *window], tmp_path / "skip", env)
     run, results = _summary(tmp_path / "skip", "lipschitz", "tiny_qwen2audio", "synthetic_speech")
     counts, s = results["counts"], results["summary"]
     assert 0 < counts["n_cut_clips_skipped"] <= counts["n_audio_cut_to_window"]
@@ -138,6 +140,6 @@ def test_clips_cut_to_the_window_are_counted_and_not_scored_for_content(tmp_path
     assert (run / "scored_ids.txt").read_text().split() == [
         line.split(",")[0] for line in (run / "per_sample.csv").read_text().splitlines()[1:]]
     assert 1 <= s["n_speakers"] <= 4 and len(s["scored_ids_digest"]) == 16
-    mcollapse(["experiment=lipschitz", *SPEECH, *window, "target.keep_cut_clips=true"], tmp_path / "keep", env)
+    run_experiment(["experiment=lipschitz", *SPEECH, *window, "target.keep_cut_clips=true"], tmp_path / "keep", env)
     _, kept = _summary(tmp_path / "keep", "lipschitz", "tiny_qwen2audio", "synthetic_speech")
     assert kept["counts"]["n_cut_clips_skipped"] == 0 and kept["summary"]["n_samples"] == counts["n_with_text"]

@@ -1,5 +1,7 @@
-"""The paper grid end to end on the tiny twins of its five models: the staged sweep through
-submitit's local executor (the cluster path without a cluster), then report and verify on its dirs."""
+"""The paper grid end to end on the tiny twins of its five models: the staged sweep, then report and
+verify on its dirs. The grid's jobs run one after another in one process (Hydra's basic launcher), so
+the interpreter and transformers start once rather than once per job; a staged sweep through
+submitit's local executor (the cluster path without a cluster) is checked on a stage of its own."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ TWINS = ("tiny_qwen2audio", "tiny_ultravox", "tiny_llava", "tiny_prismatic", "ti
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, env):
     cwd = tmp_path_factory.mktemp("paper")
-    proc = mcollapse(["-m", "+sweep=paper_tiny", "hydra/launcher=submitit_local"], cwd, env, timeout=1800)
+    proc = mcollapse(["-m", "+sweep=paper_tiny", "hydra/launcher=basic"], cwd, env, timeout=1800)
     return cwd, only_run_dir(only_run_dir(cwd / "multirun")), proc
 
 
@@ -33,7 +35,6 @@ def _results(sweep_dir):
 def test_the_staged_sweep_runs_every_job_and_computes_each_intermediate_once(sweep):
     _, sweep_dir, proc = sweep
     assert not list(sweep_dir.rglob("failed.json")), proc.stderr[-2000:]
-    assert (sweep_dir / ".submitit").is_dir()  # the jobs went through submitit's executor
     results = _results(sweep_dir)
     assert {(r["experiment"], r["model"]) for r in results if r["experiment"] == "probe"} == \
         {("probe", m) for m in TWINS}
@@ -65,6 +66,21 @@ def test_the_staged_sweep_runs_every_job_and_computes_each_intermediate_once(swe
     lipschitz = by[("lipschitz", "tiny_ultravox")]
     gradproj = [r for r in results if r["experiment"] == "gradproj"][0]
     assert gradproj["counts"]["gradients_batches_from_cache"] == lipschitz["counts"]["gradients_batches"]
+
+
+def test_a_staged_sweep_through_submitits_executor(tmp_path, env):
+    """The staged sweeper hands its batches to submitit_local, whose jobs run in processes of their own.
+    Its own selection (max_samples) keeps these activations apart from the grid's, which counts what it computes."""
+    stage = ("hydra.sweeper.stages=[{name:extract,cells:["
+             "{experiment:extract,model:tiny_qwen2audio,dataset:synthetic_speech,dataset.max_samples:16},"
+             "{experiment:extract,model:tiny_llava,dataset:synthetic_vision,dataset.max_samples:16}]}]")
+    proc = mcollapse(["-m", "+sweep=paper_tiny", "hydra/launcher=submitit_local", stage], tmp_path, env, timeout=900)
+    sweep_dir = only_run_dir(only_run_dir(tmp_path / "multirun"))
+    assert (sweep_dir / ".submitit").is_dir() and not list(sweep_dir.rglob("failed.json")), proc.stderr[-2000:]
+    results = _results(sweep_dir)
+    assert sorted((r["experiment"], r["model"]) for r in results) == [("extract", "tiny_llava"),
+                                                                      ("extract", "tiny_qwen2audio")]
+    assert all(r["summary"]["modal"]["n"] == 16 for r in results)
 
 
 def test_report_and_verify_on_the_sweep(sweep, env, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests.helpers import mcollapse, only_run_dir
+from tests.helpers import only_run_dir, run_experiment
 
 MODEL = "tiny_prismatic"
 
@@ -16,9 +16,9 @@ def _summary(root, experiment):
 
 
 def test_lora_on_the_prismatic_twin(tmp_path, env):
-    mcollapse(["experiment=lora", f"model={MODEL}", "dataset=synthetic_vision", "dataset.max_samples=120",
-               "experiment.label=super_category", "experiment.group_by=null", "lora.epochs=1", "lora.batch_size=8",
-               "experiment.max_new_tokens=6"], tmp_path, env)
+    run_experiment(["experiment=lora", f"model={MODEL}", "dataset=synthetic_vision", "dataset.max_samples=120",
+                   "experiment.label=super_category", "experiment.group_by=null", "lora.epochs=1", "lora.batch_size=8",
+                   "experiment.max_new_tokens=6"], tmp_path, env)
     run, results = _summary(tmp_path, "lora")
     s = results["summary"]
     assert s["training"]["epochs_run"] == 1 and s["task"]["lora"]["n"] == s["split"]["test"]["n"] >= 20

@@ -10,7 +10,7 @@ import numpy as np
 from mcollapse.extraction.cache import Activations
 from mcollapse.extraction.extract import Extraction
 from mcollapse.pipeline.inputs import text_on_modal_samples
-from tests.helpers import mcollapse, only_run_dir
+from tests.helpers import only_run_dir, run_experiment
 
 
 def _extraction(ids: list[str], skipped: dict[str, str] | None = None) -> Extraction:
@@ -35,8 +35,8 @@ def test_nothing_dropped_when_every_text_row_has_a_modal_row():
 def test_probe_run_counts_text_rows_of_unreadable_clips(tmp_path, env):
     from tests.test_cli import SMALL_SPEECH
 
-    mcollapse(["experiment=extract", "model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
-               "experiment.text.source=none"], tmp_path, env)  # makes sure the synthetic set exists
+    run_experiment(["experiment=extract", "model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
+                   "experiment.text.source=none"], tmp_path, env)  # makes sure the synthetic set exists
     source = Path(env["MCOLLAPSE_DATA"]) / "synthetic_speech" / "CREMA-D" / "AudioWAV"
     clips = sorted(source.glob("*.wav"))[:30]
     target = tmp_path / "data" / "CREMA-D" / "AudioWAV"
@@ -44,8 +44,8 @@ def test_probe_run_counts_text_rows_of_unreadable_clips(tmp_path, env):
     for clip in clips:
         (target / clip.name).write_bytes(clip.read_bytes())
     (target / clips[3].name).write_bytes(b"RIFF not really a wave file")
-    mcollapse(["model=tiny_qwen2audio", "dataset=cremad", f"paths.data_root={tmp_path / 'data'}",
-               "hook.roles=[adapter_output,llm_final]"], tmp_path, env)
+    run_experiment(["model=tiny_qwen2audio", "dataset=cremad", f"paths.data_root={tmp_path / 'data'}",
+                   "hook.roles=[adapter_output,llm_final]"], tmp_path, env)
     run = only_run_dir(tmp_path / "outputs" / "probe" / "tiny_qwen2audio" / "cremad")
     counts = json.loads((run / "results.json").read_text())["counts"]
     assert counts["n_modal"] == counts["n_text"] == 29 and counts["text_rows_without_modal_dropped"] == 1
