@@ -84,7 +84,8 @@ def run_experiment(overrides: list[str], cwd: Path, env: dict, check: bool = Tru
             run_dir = Path(cwd) / cfg.hydra.run.dir
             with open_dict(cfg):
                 del cfg["hydra"]
-            (run_dir / ".hydra").mkdir(parents=True)  # as Hydra does: report and verify read the composed config
+            # as Hydra does (two runs in one second share the dir): report and verify read the composed config
+            (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
             run_job(cfg, run_dir)
     except UserError as err:
