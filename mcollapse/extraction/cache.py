@@ -99,6 +99,12 @@ class CorruptEntry(Exception):
         self.path, self.error = path, error
 
 
+def is_published(cache_dir: Path, key_fields: dict) -> bool:
+    """Whether the entry for these key fields is complete, asked without creating anything (an
+    `ActivationStore` records its entry on construction, which a mere question should not do)."""
+    return (store.entry(cache_dir, _KIND, key_fields).path / _FINAL_NAME).is_file()
+
+
 @dataclass
 class Activations:
     """Pooled vectors of one cache entry, rows in the original sample order."""

@@ -7,6 +7,7 @@ stopped, shared by every experiment and sweep job that asks for the same key.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +191,54 @@ def hook_targets(family: ModelFamily, hook_cfg, roles=None) -> list[HookTarget]:
     )
 
 
+def text_roles(hook_cfg) -> list[str]:
+    return [r for r in hook_cfg.roles if r in LLM_ROLES]
+
+
+def resolved_model(family: ModelFamily, hook_cfg) -> dict:
+    """Everything the activation keys take from a loaded model, as plain JSON.
+
+    Recorded once a model is loaded, so a later run with the same configuration can build the
+    same keys and find its activations in the store without loading the model again."""
+    return {
+        "identity": model_identity(family),
+        "modal_targets": [dataclasses.asdict(t) for t in hook_targets(family, hook_cfg)],
+        "text_targets": [dataclasses.asdict(t) for t in hook_targets(family, hook_cfg, roles=text_roles(hook_cfg))],
+        "prompt": family.render_prompt() if family.modality != "text" else None,  # a text-only LLM has none
+        "modality": family.modality,
+        "window": family.cfg.audio_window_s,
+        "checkpoint": family.checkpoint,
+        "cuts_long_audio": bool(family.cuts_long_audio),
+    }
+
+
+def targets_of(resolved: dict, side: str) -> list[HookTarget]:
+    """The hook targets of the modal or text side of a resolved model."""
+    return [HookTarget(**t) for t in resolved[f"{side}_targets"]]
+
+
+def modal_key(resolved: dict, dataset: dict, records: list[Record], hook_cfg) -> dict:
+    """The key fields of a modal activation entry: built from a resolved model, not a loaded one,
+    so the store can be asked before any model is loaded."""
+    return {
+        **resolved["identity"], "input": "modal", "dataset": dataset, "n": len(records),
+        "ids": ids_digest([r.id for r in records]),
+        "hooks": [[t.name, t.path, t.capture] for t in targets_of(resolved, "modal")],
+        "pooling": hook_cfg.pooling, "prompt": resolved["prompt"], "window": resolved["window"],
+    }
+
+
+def text_key(resolved: dict, dataset: dict, records: list[Record], hook_cfg, fmt: str) -> dict:
+    """The key fields of a text activation entry (see `modal_key`)."""
+    prompt = resolved["prompt"] if fmt == "prompt" and resolved["modality"] != "text" else None
+    return {
+        **resolved["identity"], "input": f"text:{fmt}", "dataset": dataset, "n": len(records),
+        "ids": ids_digest([r.id for r in records]), "texts": texts_digest(r.text for r in records),
+        "hooks": [[t.name, t.path, t.capture] for t in targets_of(resolved, "text")],
+        "pooling": hook_cfg.pooling, "prompt": prompt,
+    }
+
+
 def extract_modal(family: ModelFamily, records: list[Record], dataset: dict, hook_cfg, cache_dir,
                   strict: bool = False, flush_every: int = 64) -> Extraction:
     """Audio/image samples in the model's prompt; unreadable media are skipped and counted.
@@ -198,13 +247,9 @@ def extract_modal(family: ModelFamily, records: list[Record], dataset: dict, hoo
     reuses stale rows under the same sample ids."""
     if hook_cfg.pooling not in POOLINGS:
         raise UserError(f"hook.pooling '{hook_cfg.pooling}' is not one of {', '.join(POOLINGS)}")
-    targets = hook_targets(family, hook_cfg)
-    key = {
-        **model_identity(family), "input": "modal", "dataset": dataset, "n": len(records),
-        "ids": ids_digest([r.id for r in records]), "hooks": [[t.name, t.path, t.capture] for t in targets],
-        "pooling": hook_cfg.pooling, "prompt": family.render_prompt(),
-        "window": family.cfg.audio_window_s,
-    }
+    resolved = resolved_model(family, hook_cfg)
+    targets = targets_of(resolved, "modal")
+    key = modal_key(resolved, dataset, records, hook_cfg)
 
     def make_batch(chunk, store):
         samples = readable_samples(chunk, strict, store.add_skipped, family.sample_problem)
@@ -222,8 +267,14 @@ def extract_modal(family: ModelFamily, records: list[Record], dataset: dict, hoo
     size_of = audio_seconds if family.modality == "audio" else None
     extraction = _run(family, records, targets, key, cache_dir, int(family.cfg.batch_size), flush_every,
                       make_batch, f"{family.cfg.name}/{dataset['name']}", size_of, skip_unpoolable)
+    return checked_modal(extraction, strict)
+
+
+def checked_modal(extraction: Extraction, strict: bool) -> Extraction:
+    """Warn about hooks with nothing to probe; under `strict`, refuse an entry with skipped samples
+    (also when the skips were recorded by an earlier, lenient run, or it is served without a model)."""
     warn_identical_vectors(extraction)
-    if strict and extraction.skipped:  # also when the skips were recorded by an earlier, lenient run
+    if strict and extraction.skipped:
         first, reason = next(iter(extraction.skipped.items()))
         raise UserError(f"{len(extraction.skipped)} unreadable sample(s), first {first}: {reason}")
     return extraction
@@ -232,15 +283,11 @@ def extract_modal(family: ModelFamily, records: list[Record], dataset: dict, hoo
 def extract_text(family: ModelFamily, records: list[Record], dataset: dict, hook_cfg, cache_dir,
                  fmt: str = "prompt", flush_every: int = 64) -> Extraction:
     """Transcripts/captions through an LLM (the model's own, or a text baseline); LLM hooks only."""
-    targets = hook_targets(family, hook_cfg, roles=[r for r in hook_cfg.roles if r in LLM_ROLES])
+    resolved = resolved_model(family, hook_cfg)
+    targets = targets_of(resolved, "text")
     if not targets:
         raise UserError("text extraction needs an LLM hook (llm_layer or llm_final) in hook.roles")
-    prompt = family.render_prompt() if fmt == "prompt" and family.modality != "text" else None
-    key = {
-        **model_identity(family), "input": f"text:{fmt}", "dataset": dataset, "n": len(records),
-        "ids": ids_digest([r.id for r in records]), "texts": texts_digest(r.text for r in records),
-        "hooks": [[t.name, t.path, t.capture] for t in targets], "pooling": hook_cfg.pooling, "prompt": prompt,
-    }
+    key = text_key(resolved, dataset, records, hook_cfg, fmt)
 
     def make_batch(chunk, store):
         usable = []

@@ -17,6 +17,7 @@ from mcollapse.errors import UserError
 from mcollapse.extraction.cache import Activations
 from mcollapse.extraction.extract import Extraction, extract_modal, extract_text, longer_than
 from mcollapse.models import load_model
+from mcollapse.pipeline import lazy
 from mcollapse.report.output import RunRecorder
 from mcollapse.runtime import release_memory
 from mcollapse.store import ContentDigests, entry
@@ -85,17 +86,14 @@ def text_on_modal_samples(modal: Extraction, text: Extraction) -> tuple[Extracti
     return dataclasses.replace(text, activations=kept), len(acts.ids) - len(rows)
 
 
-def modal_and_text(cfg, rec: RunRecorder, selection: Selection) -> ExtractedInputs:
-    """Extract (or read from the cache) the modal activations, then the text side if asked,
-    restricted to the samples that have modal rows."""
+def _extract_with_model(cfg, rec: RunRecorder, records, dataset: dict, text_source, fields):
+    """Load the model, record its resolved identity under `fields`, and extract what is missing."""
     from mcollapse.cli import config_dir
 
     cache_dir = Path(cfg.paths.cache_dir)
-    records = selection.records
-    dataset = {"name": cfg.dataset.name, "fingerprint": selection.fingerprint}
-    text_source = cfg.experiment.text.source if "text" in cfg.experiment else "none"
     with rec.stage("load_model"):
         family = load_model(cfg.model, cache_dir, cfg.device)
+    lazy.record(cache_dir, fields, family, cfg.hook)
     rec.extra_meta["checkpoint"] = family.checkpoint
     cuts_long_audio = family.cuts_long_audio
     with rec.stage("extract_modal"):
@@ -112,6 +110,26 @@ def modal_and_text(cfg, rec: RunRecorder, selection: Selection) -> ExtractedInpu
                                 fmt=cfg.experiment.text.format, flush_every=cfg.flush_every)
     del family
     release_memory()
+    return modal, text, cuts_long_audio
+
+
+def modal_and_text(cfg, rec: RunRecorder, selection: Selection) -> ExtractedInputs:
+    """Extract (or read from the cache) the modal activations, then the text side if asked,
+    restricted to the samples that have modal rows. The store is asked first: when every entry is
+    there the model is not loaded (see `pipeline.lazy`)."""
+    cache_dir = Path(cfg.paths.cache_dir)
+    records = selection.records
+    dataset = {"name": cfg.dataset.name, "fingerprint": selection.fingerprint}
+    text_source = cfg.experiment.text.source if "text" in cfg.experiment else "none"
+    fields = lazy.config_fields(cfg.model, cfg.hook, cfg.device, cache_dir)
+    cached = lazy.served_without_model(cfg, records, dataset, text_source, fields)
+    if cached is not None:
+        resolved, modal, text = cached
+        rec.extra_meta["checkpoint"] = resolved["checkpoint"]
+        cuts_long_audio = resolved["cuts_long_audio"]
+    else:
+        modal, text, cuts_long_audio = _extract_with_model(cfg, rec, records, dataset, text_source, fields)
+    rec.counts["model_loaded"] = cached is None
     rec.counts.update({
         "n_modal": len(modal.activations.ids), "modal_skipped": modal.skipped,
         "n_audio_cut_to_window": len(longer_than(records, cfg.model.audio_window_s)) if cuts_long_audio else 0,
