@@ -102,3 +102,18 @@ def only_run_dir(root: Path) -> Path:
     dirs = [p for p in root.iterdir() if p.is_dir()]
     assert len(dirs) == 1, dirs
     return dirs[0]
+
+
+def cremad_copy_with_a_corrupt_clip(tmp_path: Path, env, n: int, small_speech) -> tuple[Path, list[Path]]:
+    """The first n clips of the synthetic CREMA-D part copied to tmp_path/data, the fourth replaced
+    by bytes no reader accepts: (the copy's AudioWAV dir, the source clips)."""
+    run_experiment(["experiment=extract", "model=tiny_qwen2audio", "dataset=synthetic_speech", *small_speech,
+                    "experiment.text.source=none"], tmp_path, env)  # makes sure the synthetic set exists
+    source = Path(env["MCOLLAPSE_DATA"]) / "synthetic_speech" / "CREMA-D" / "AudioWAV"
+    clips = sorted(source.glob("*.wav"))[:n]
+    target = tmp_path / "data" / "CREMA-D" / "AudioWAV"
+    target.mkdir(parents=True)
+    for clip in clips:
+        (target / clip.name).write_bytes(clip.read_bytes())
+    (target / clips[3].name).write_bytes(b"RIFF not really a wave file")
+    return target, clips

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.helpers import mcollapse, only_run_dir, run_experiment
+from tests.helpers import cremad_copy_with_a_corrupt_clip, mcollapse, only_run_dir, run_experiment
 
 SMALL_SPEECH = [
     "dataset.generate_options.n_speakers=4", "dataset.generate_options.n_per_class=8",
@@ -174,15 +174,7 @@ def test_default_run_on_real_small_weights(tmp_path, env, shared_cache):
 
 
 def test_corrupt_audio_is_skipped_and_listed_or_fatal_when_strict(tmp_path, env):
-    run_experiment(["experiment=extract", "model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
-                    "experiment.text.source=none"], tmp_path, env)  # makes sure the synthetic set exists
-    source = Path(env["MCOLLAPSE_DATA"]) / "synthetic_speech" / "CREMA-D" / "AudioWAV"
-    clips = sorted(source.glob("*.wav"))[:40]
-    target = tmp_path / "data" / "CREMA-D" / "AudioWAV"
-    target.mkdir(parents=True)
-    for clip in clips:
-        (target / clip.name).write_bytes(clip.read_bytes())
-    (target / clips[3].name).write_bytes(b"RIFF not really a wave file")
+    target, clips = cremad_copy_with_a_corrupt_clip(tmp_path, env, 40, SMALL_SPEECH)
     (target / "notes.wav").write_bytes(b"")  # malformed name: skipped at indexing
     args = ["model=tiny_qwen2audio", "dataset=cremad", f"paths.data_root={tmp_path / 'data'}",
             "experiment.text.source=none", "hook.roles=[adapter_output]"]
@@ -215,13 +207,10 @@ def test_wasserstein_between_modal_and_text_of_the_same_llm(tmp_path, env):
     ("device=cuda", "device=cuda but this torch sees no CUDA GPU"),
 ])
 def test_config_errors_exit_2_before_any_work(tmp_path, env, override, message):
-    import torch
-
     from mcollapse.errors import EXIT_USER_ERROR
 
-    if override.startswith("device") and torch.cuda.is_available():
-        pytest.skip("this torch has a CUDA GPU")
-    proc = mcollapse(["model=tiny_qwen2audio", override], tmp_path, env, check=False)
+    no_gpu = {**env, "CUDA_VISIBLE_DEVICES": ""}  # the device=cuda refusal holds on a GPU machine too
+    proc = mcollapse(["model=tiny_qwen2audio", override], tmp_path, no_gpu, check=False)
     assert proc.returncode == EXIT_USER_ERROR, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and message in proc.stderr
     assert not list(tmp_path.glob("outputs/*/*/*/*/results.json"))

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
 from mcollapse.extraction.cache import Activations
 from mcollapse.extraction.extract import Extraction
 from mcollapse.pipeline.inputs import text_on_modal_samples
-from tests.helpers import only_run_dir, run_experiment
+from tests.helpers import cremad_copy_with_a_corrupt_clip, only_run_dir, run_experiment
 
 
 def _extraction(ids: list[str], skipped: dict[str, str] | None = None) -> Extraction:
@@ -35,15 +34,7 @@ def test_nothing_dropped_when_every_text_row_has_a_modal_row():
 def test_probe_run_counts_text_rows_of_unreadable_clips(tmp_path, env):
     from tests.test_cli import SMALL_SPEECH
 
-    run_experiment(["experiment=extract", "model=tiny_qwen2audio", "dataset=synthetic_speech", *SMALL_SPEECH,
-                   "experiment.text.source=none"], tmp_path, env)  # makes sure the synthetic set exists
-    source = Path(env["MCOLLAPSE_DATA"]) / "synthetic_speech" / "CREMA-D" / "AudioWAV"
-    clips = sorted(source.glob("*.wav"))[:30]
-    target = tmp_path / "data" / "CREMA-D" / "AudioWAV"
-    target.mkdir(parents=True)
-    for clip in clips:
-        (target / clip.name).write_bytes(clip.read_bytes())
-    (target / clips[3].name).write_bytes(b"RIFF not really a wave file")
+    cremad_copy_with_a_corrupt_clip(tmp_path, env, 30, SMALL_SPEECH)
     run_experiment(["model=tiny_qwen2audio", "dataset=cremad", f"paths.data_root={tmp_path / 'data'}",
                    "hook.roles=[adapter_output,llm_final]"], tmp_path, env)
     run = only_run_dir(tmp_path / "outputs" / "probe" / "tiny_qwen2audio" / "cremad")
