@@ -66,6 +66,8 @@ class DatasetConfig:
     lexical_top_k: int = 50
     generate: Optional[str] = None  # synthetic generator run on first use when parts are missing
     generate_options: dict[str, Any] = field(default_factory=dict)
+    # Other named splits (train, dev) in the same layout; `parts` is the split experiments evaluate on.
+    splits: dict[str, list[DatasetPart]] = field(default_factory=dict)
 
 
 @dataclass

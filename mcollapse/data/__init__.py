@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from mcollapse.data import coco, cremad, esc50, librispeech
 from mcollapse.data.base import SAMPLE_RATE, Record, Sample
@@ -43,6 +43,7 @@ __all__ = [
     "load_media",
     "load_records",
     "select",
+    "split_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,21 @@ def _fingerprint(parts: list[tuple[str, list[Record]]], marker: dict | None, tex
             digest.update(f"{fmt}\0{record.id}\0{record.path.name}\0{content}\n".encode())
     digests.save()
     return digest.hexdigest()
+
+
+def split_config(dataset_cfg, split: str):
+    """The dataset config reading the named split (`dataset.splits.<split>`) instead of `parts`.
+
+    The split's name joins the dataset's (`name@split`), so its fingerprint and cache keys are its own."""
+    splits = getattr(dataset_cfg, "splits", None) or {}
+    if split not in splits:
+        known = ", ".join(sorted(splits)) or "none"
+        raise UserError(f"dataset {dataset_cfg.name!r} has no split {split!r} (splits: {known})")
+    cfg = OmegaConf.create(_plain(dataset_cfg))
+    with open_dict(cfg):
+        cfg.parts = cfg.splits[split]
+        cfg.name = f"{dataset_cfg.name}@{split}"
+    return cfg
 
 
 def load_records(dataset_cfg, digests: ContentDigests | None = None) -> tuple[list[Record], dict]:
