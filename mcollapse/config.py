@@ -44,6 +44,8 @@ class ModelConfig:
     )
     build: Optional[str] = None  # offline builder name (tiny_*, smol_speech) when no hub checkpoint
     lora: Optional[str] = None  # a saved LoRA adapter dir (experiment=lora writes one), merged at load
+    projector: Optional[str] = None  # trained projector weights (a file, a train_adapter run/checkpoint dir,
+    # or shipped:<organism>) put over the checkpoint's at load
     small: bool = False  # an offline twin: threads=auto runs it on one thread (see mcollapse.runtime)
 
 
@@ -67,7 +69,7 @@ class DatasetConfig:
     generate: Optional[str] = None  # synthetic generator run on first use when parts are missing
     generate_options: dict[str, Any] = field(default_factory=dict)
     # Other named splits (train, dev) in the same layout; `parts` is the split experiments evaluate on.
-    splits: dict[str, list[DatasetPart]] = field(default_factory=dict)
+    splits: dict[str, Any] = field(default_factory=dict)  # name -> a list of parts, like `parts`
 
 
 @dataclass

@@ -133,6 +133,32 @@ class LoraExperiment(ExperimentConfig):
 
 
 @dataclass
+class TrainAdapterExperiment(ExperimentConfig):
+    """Projector-only training (experiments.train_adapter); see conf/experiment/train_adapter.yaml."""
+
+    train_split: str = "train"  # dataset.splits names; the evaluated held-out split is dataset.parts
+    dev_split: str = "dev"
+    n_train: Optional[int] = None  # null: the whole split
+    n_dev: Optional[int] = 200
+    n_eval: Optional[int] = 100
+    lr: float = 1.0e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    max_steps: int = 1000
+    min_lr_ratio: float = 0.05
+    batch_size: int = 16
+    max_grad_norm: float = 1.0
+    eval_every: int = 100
+    checkpoint_every: int = 250
+    patience: int = 3  # evaluations without a better dev loss before stopping
+    autocast: str = "auto"  # auto (bf16 on CUDA or a CPU with bf16 instructions) | bf16 | none
+    max_minutes: Optional[float] = None  # stop (and say so) after this much training time
+    max_new_tokens: int = 48
+    n_alternatives: int = 15  # the held-out contrastive GMI's m
+    eval_batch_size: Optional[int] = None  # null: model.batch_size
+
+
+@dataclass
 class ReportExperiment(ExperimentConfig):
     run_subdir: str = "."  # the output dir under outputs/<name>/: a report is of no one model x dataset
 
@@ -162,7 +188,7 @@ EXPERIMENTS = {
     "probe": TextSideExperiment, "extract": TextSideExperiment, "wasserstein": WassersteinExperiment,
     "lipschitz": LipschitzExperiment, "gradproj": GradprojExperiment, "gmi": GmiExperiment,
     "modes": ExperimentConfig, "ablation": AblationExperiment, "msswap": MsswapExperiment,
-    "lora": LoraExperiment, "report": ReportExperiment, "verify": ReportExperiment, "cache": ReportExperiment,
+    "lora": LoraExperiment, "train_adapter": TrainAdapterExperiment, "report": ReportExperiment, "verify": ReportExperiment, "cache": ReportExperiment,
 }
 
 

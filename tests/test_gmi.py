@@ -209,7 +209,7 @@ def test_candidate_scores_put_each_pair_where_it_belongs():
     answers = [[i] for i in range(n)]  # y_i carries i
     candidates = np.concatenate([np.arange(n)[:, None], alternatives(n, 4, seed=1)], axis=1)
     inputs = SimpleNamespace(decoder=_EncodingDecoder())
-    scores = candidate_scores(inputs, zs, answers, candidates, "test", chunk=2)
+    scores = candidate_scores(inputs.decoder, zs, answers, candidates, "test", chunk=2)
     np.testing.assert_array_equal(scores, 1000.0 * np.arange(n)[:, None] + candidates)
 
 

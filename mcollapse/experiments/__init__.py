@@ -14,7 +14,7 @@ from mcollapse.errors import UserError
 EXPERIMENTS = {
     name: f"mcollapse.experiments.{name}"
     for name in ("ablation", "cache", "extract", "gmi", "gradproj", "lipschitz", "lora", "modes", "msswap", "probe",
-                 "report", "verify", "wasserstein")
+                 "report", "train_adapter", "verify", "wasserstein")
 }
 
 

@@ -108,7 +108,7 @@ def run(cfg, run_dir: Path) -> dict:
     results, scores = {}, {}
     for kind, zs in (("modal", modal_z), ("text", text_z)):
         with rec.stage(f"scores_{kind}"):
-            flat = candidate_scores(inputs, zs, answers, candidates, f"GMI scores ({kind})")
+            flat = candidate_scores(inputs.decoder, zs, answers, candidates, f"GMI scores ({kind})")
         scores[kind] = flat
         results[kind] = gmi_from_scores(flat[:, 0], flat[:, 1:], estimator=exp.estimator, s=exp.s,
                                         n_boot=exp.n_boot, seed=cfg.seed)

@@ -51,6 +51,10 @@ def model_identity(family: ModelFamily) -> dict:
         "revision": getattr(family.model.config, "_commit_hash", None) or family.revision,
         "dtype": str(family.dtype),
     }
+    if getattr(cfg, "projector", None):
+        from mcollapse.models.projector import projector_digest
+
+        identity["projector"] = projector_digest(cfg.projector)
     if getattr(cfg, "lora", None):
         from mcollapse.models.lora import adapter_digest
 

@@ -122,8 +122,11 @@ def _compute(family: ModelFamily, target, store: SequenceStore, todo: list[Recor
                 inputs = dict(batch.inputs)
                 hidden = capture(family.model, [target], lambda: family.model(**inputs, use_cache=False))
                 out = hidden[target.name].float().cpu()
-                lengths = batch.frame_lengths if batch.frame_lengths is not None else \
-                    torch.full((out.shape[0],), out.shape[1])
+                lengths = batch.frame_lengths
+                if target.role == "encoder_output" and batch.encoder_frame_lengths is not None:
+                    lengths = batch.encoder_frame_lengths
+                if lengths is None:
+                    lengths = torch.full((out.shape[0],), out.shape[1])
                 paths = {s.id: s.record.path for s in samples}
                 for i, sample_id in enumerate(batch.ids):
                     if int(lengths[i]) == 0:  # an empty sequence would pool to NaN downstream
@@ -138,23 +141,34 @@ def _compute(family: ModelFamily, target, store: SequenceStore, todo: list[Recor
     return computed
 
 
-def adapter_target(family: ModelFamily):
+SEQUENCE_ROLES = ("adapter_output", "encoder_output")
+
+
+def adapter_target(family: ModelFamily, role: str = "adapter_output"):
     from mcollapse.models.roles import resolve_hooks
 
-    return resolve_hooks(family.model, ["adapter_output"], 0, dict(family.cfg.hook_paths or {}),
+    return resolve_hooks(family.model, [role], 0, dict(family.cfg.hook_paths or {}),
                          family.adapter_module_names())[0]
 
 
 def adapter_sequences(family: ModelFamily, records: list[Record], dataset: dict, cache_dir: Path,
-                      strict: bool = False, identity: dict | None = None) -> Sequences:
-    """The adapter output of every record, computing only what the cache lacks."""
+                      strict: bool = False, identity: dict | None = None,
+                      role: str = "adapter_output") -> Sequences:
+    """The adapter output of every record (or, with role=encoder_output, what the encoder hands the
+    adapter: the sequences a projector trains on), computing only what the cache lacks."""
     if family.modality == "text":
         raise UserError(f"model '{family.cfg.name}' is text-only: it has no adapter output")
-    target = adapter_target(family)
+    if role not in SEQUENCE_ROLES:
+        raise ValueError(f"sequence role {role!r} is not one of {SEQUENCE_ROLES}")
+    target = adapter_target(family, role)
     identity = dict(identity or model_identity(family))
     identity.pop("lora", None)  # a merged LoRA is LLM-only (models.lora refuses others): same adapter output
+    if role == "encoder_output":
+        identity.pop("projector", None)  # the projector's input does not depend on its weights
     key = {**identity, "dataset": dataset, "adapter": [target.path, target.capture],
            "window": family.cfg.audio_window_s}
+    if role != "adapter_output":
+        key["role"] = role  # adapter-output keys stay as they were, so existing caches are kept
     store = SequenceStore(cache_dir, key)
     computed = 0
     found = {r.id: store.get(r.id) for r in records}  # a complete entry is read without the lock

@@ -62,6 +62,10 @@ class ModelFamily(ABC):
         self.device = device
         self.dtype = dtype
         self.model: nn.Module = self._load_model()
+        if getattr(cfg, "projector", None):
+            from mcollapse.models.projector import load_projector, projector_module
+
+            load_projector(projector_module(self.model, self.adapter_module_names())[1], cfg.projector)
         if getattr(cfg, "lora", None):
             from mcollapse.models.lora import with_adapter
 

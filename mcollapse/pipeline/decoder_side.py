@@ -361,7 +361,7 @@ def secant_scores(inputs: DecoderInputs, ids: list[str], neighbours: np.ndarray,
 
 
 
-def candidate_scores(inputs: DecoderInputs, zs: list[np.ndarray], answers: list[list[int]],
+def candidate_scores(decoder: Decoder, zs: list[np.ndarray], answers: list[list[int]],
                      candidates: np.ndarray, label: str, chunk: int = 64) -> np.ndarray:
     """S[i, c] = log q(y_i | z_{candidates[i, c]}, prompt), target=content summed over tokens.
 
@@ -377,7 +377,7 @@ def candidate_scores(inputs: DecoderInputs, zs: list[np.ndarray], answers: list[
             z = torch.as_tensor(zs[j], dtype=torch.float32)
             for start in range(0, len(pairs), chunk):
                 part = pairs[start : start + chunk]
-                values = inputs.decoder.answer_scores(z, [answers[i] for i, _ in part]).double().cpu().numpy()
+                values = decoder.answer_scores(z, [answers[i] for i, _ in part]).double().cpu().numpy()
                 for (i, c), value in zip(part, values):
                     out[i, c] = value
             advance(1)

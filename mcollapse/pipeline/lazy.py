@@ -76,6 +76,10 @@ def config_fields(model_cfg, hook_cfg, device: str, cache_dir: Path) -> dict | N
         fields["build"] = build_fingerprint(model_cfg, Path(cache_dir))
         if fields["build"] is None:
             return None
+    if model_cfg.projector:
+        from mcollapse.models.projector import projector_digest
+
+        fields["projector"] = projector_digest(model_cfg.projector)  # a missing file: a one-line error
     if model_cfg.lora:
         from mcollapse.models.lora import adapter_digest
 

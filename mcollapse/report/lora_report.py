@@ -43,18 +43,21 @@ def confusion_figure(task: dict, path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def training_figure(history: list[dict], best_epoch: int, path: Path, title: str) -> None:
+def training_figure(history: list[dict], best: int, path: Path, title: str, x: str = "epoch",
+                    held_out: str = "val") -> None:
+    """Train and held-out loss per `x` (epoch or step), held-out token accuracy on a second axis."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
-    ax.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation loss")
-    if best_epoch:
-        ax.axvline(best_epoch, color="black", linestyle=":", linewidth=1, label=f"best epoch {best_epoch}")
-    ax.set_xlabel("epoch")
+    trained = [h for h in history if h.get("train_loss") is not None]
+    ax.plot([h[x] for h in trained], [h["train_loss"] for h in trained], marker="o", label="train loss")
+    ax.plot([h[x] for h in history], [h[f"{held_out}_loss"] for h in history], marker="o",
+            label=f"{'validation' if held_out == 'val' else held_out} loss")
+    if best:
+        ax.axvline(best, color="black", linestyle=":", linewidth=1, label=f"best {x} {best}")
+    ax.set_xlabel(x)
     ax.set_ylabel("cross-entropy per answer token")
     twin = ax.twinx()
-    twin.plot(epochs, [h["val_token_accuracy"] for h in history], color="#55a868", linestyle="--",
-              label="validation token accuracy")
+    twin.plot([h[x] for h in history], [h[f"{held_out}_token_accuracy"] for h in history], color="#55a868",
+              linestyle="--", label=f"{'validation' if held_out == 'val' else held_out} token accuracy")
     twin.set_ylim(0, 1)
     twin.set_ylabel("token accuracy")
     lines = ax.get_legend_handles_labels()

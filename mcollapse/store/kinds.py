@@ -22,12 +22,12 @@ class Kind:
 
 KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("activations", "activations",
-         ("model", "source", "checkpoint", "revision", "dtype", "lora", "input", "dataset", "n", "ids", "texts",
+         ("model", "source", "checkpoint", "revision", "dtype", "projector", "lora", "input", "dataset", "n", "ids", "texts",
           "hooks", "pooling", "prompt", "window"),
          "extraction.extract", "probe, wasserstein, similarity, layers, lora", "dir"),
     Kind("sequences", "sequences",
-         ("model", "source", "checkpoint", "revision", "dtype", "dataset", "adapter", "window"),
-         "extraction.sequences", "lipschitz, modes, gradproj, gmi, ablation, msswap", "dir"),
+         ("model", "source", "checkpoint", "revision", "dtype", "projector", "dataset", "adapter", "window", "role"),
+         "extraction.sequences", "lipschitz, modes, gradproj, gmi, ablation, msswap, train_adapter", "dir"),
     Kind("modes", "modes",
          ("sequences", "ids", "text_ids", "n_modes", "ms_threshold", "thresholds", "rho_normalization"),
          "pipeline.decoder_side.modes", "modes, gradproj, ablation, msswap", "file"),
@@ -51,8 +51,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
          "pipeline.lazy", "probe, extract, wasserstein (a warm re-run loads no model)", "file"),
     Kind("media_digests", "media", ("dataset",), "data.load_records",
          "data.load_records (the dataset fingerprint)", "file"),
-    Kind("projectors", "projectors", ("model", "dataset", "training settings"), "(trained projectors)",
-         "(trained projectors)", "dir"),
+    Kind("projectors", "projectors", ("model", "train/dev data", "training settings"), "experiments.train_adapter",
+         "train_adapter (resumes; its checkpoints load as model.projector)", "dir"),
 ]}
 
 
