@@ -14,6 +14,7 @@ import soundfile as sf
 from mcollapse.config import DatasetConfig, DatasetPart
 from mcollapse.data import (
     derive_labels,
+    espeak,
     load_media,
     load_records,
     synthetic_speech,
@@ -92,7 +93,7 @@ def test_speech_has_every_speaker_sentence_emotion_once(tmp_path):
 
 
 def test_speech_without_espeak_says_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(synthetic_speech.shutil, "which", lambda name: None)
+    monkeypatch.setattr(espeak.shutil, "which", lambda name: None)
     with pytest.raises(UserError, match=r"apt-get install espeak-ng") as error:
         load_records(speech_config(tmp_path, **SMALL_SPEECH))
     assert "\n" not in str(error.value)

@@ -1,6 +1,6 @@
 """Synthetic dataset generators by name, installed atomically into the data directory.
 
-A generator writes real on-disk formats (CREMA-D, ESC-50, COCO layouts) so the ordinary loaders
+A generator writes real on-disk formats (CREMA-D, ESC-50, COCO, LibriSpeech layouts) so the ordinary loaders
 read them. `generate(name, out_dir, options)` writes into a sibling temp dir and renames it to
 `out_dir` only when complete, under a file lock: an interrupted generation leaves no partial set,
 and concurrent sweep jobs generate once. `out_dir/generated.json` records the generator and its
@@ -25,9 +25,13 @@ MARKER = "generated.json"
 
 
 def _modules() -> dict[str, ModuleType]:
-    from mcollapse.data import synthetic_speech, synthetic_vision
+    from mcollapse.data import synthetic_librispeech, synthetic_speech, synthetic_vision
 
-    return {"synthetic_speech": synthetic_speech, "synthetic_vision": synthetic_vision}
+    return {
+        "synthetic_speech": synthetic_speech,
+        "synthetic_vision": synthetic_vision,
+        "synthetic_librispeech": synthetic_librispeech,
+    }
 
 
 def generator(name: str) -> ModuleType:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import numpy as np
 from mcollapse.data.base import SAMPLE_RATE
 from mcollapse.data.cremad import SENTENCES
 from mcollapse.data.esc50 import META_COLUMNS
+from mcollapse.data.espeak import espeak_binary, synthesize
 from mcollapse.errors import UserError
 
 VERSION = 1
@@ -64,16 +63,6 @@ EMOTION_PROSODY = {
 SOUND_CLASSES = ("tone", "chirp", "noise_burst", "click_train", "hum")
 
 SOUND_RATE = 44_100
-
-
-def espeak_binary() -> str:
-    """The espeak-ng executable, or a one-line UserError saying how to get it."""
-    binary = shutil.which("espeak-ng")
-    if binary is None:
-        raise UserError(
-            "the synthetic_speech dataset needs espeak-ng: install it (apt-get install espeak-ng)"
-        )
-    return binary
 
 
 def _check(options: dict) -> None:
@@ -118,26 +107,16 @@ def speech_plan(options: dict) -> list[dict]:
 def _speak(binary: str, clip: dict, scratch: Path, audio_dir: Path) -> None:
     """Run espeak-ng for one clip and store it as 16 kHz mono 16-bit WAV."""
     import soundfile as sf
-    import soxr
 
     raw = scratch / f"{clip['stem']}.wav"
-    prosody = ["-p", str(clip["pitch"]), "-s", str(clip["speed"]), "-a", str(clip["amplitude"])]
-    command = [binary, "-v", clip["voice"], *prosody, "-w", str(raw), clip["text"]]
-    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
-    if result.returncode != 0 or not raw.is_file():
-        message = (result.stderr or result.stdout or "no output").strip().splitlines()[0]
-        raise UserError(f"espeak-ng failed for voice {clip['voice']}: {message}")
-    audio, rate = sf.read(str(raw), dtype="float32")
-    if audio.ndim > 1:
-        audio = audio.mean(axis=1)
-    audio = soxr.resample(audio, rate, SAMPLE_RATE, quality="HQ")
-    sf.write(audio_dir / raw.name, np.clip(audio, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16")
-    raw.unlink()
+    audio = synthesize(binary, clip["voice"], clip["text"], raw,
+                       pitch=clip["pitch"], speed=clip["speed"], amplitude=clip["amplitude"])
+    sf.write(audio_dir / raw.name, audio, SAMPLE_RATE, subtype="PCM_16")
 
 
 def write_speech(out_dir: Path, options: dict) -> None:
     """CREMA-D layout clips under `out_dir/CREMA-D/AudioWAV`."""
-    binary = espeak_binary()
+    binary = espeak_binary("synthetic_speech")
     audio_dir = out_dir / "CREMA-D" / "AudioWAV"
     scratch = out_dir / ".espeak"
     audio_dir.mkdir(parents=True)
