@@ -53,6 +53,7 @@ class ModelConfig:
 class DatasetPart:
     format: str = "???"  # librispeech | cremad | esc50 | coco
     root: str = "???"
+    split: Optional[str] = None  # coco only: the split dir under root (default val2017), e.g. train2017
 
 
 @dataclass

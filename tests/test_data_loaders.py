@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -284,6 +285,33 @@ def test_root_without_expected_layout(tmp_path):
                 name="c", modality="image", parts=[DatasetPart("coco", str(tmp_path / "coco"))]
             )
         )
+
+
+def test_coco_part_reads_the_split_it_names_beside_val2017(tmp_path):
+    root = make_coco(tmp_path / "coco")  # val2017: images 1-3; train2017 beside it: image 2 only
+    (root / "train2017").mkdir()
+    shutil.copy(root / "val2017" / "000000000002.jpg", root / "train2017")
+    for kind in ("instances", "captions"):
+        document = json.loads((root / "annotations" / f"{kind}_val2017.json").read_text())
+        document["images"] = [i for i in document["images"] if i["id"] == 2]
+        document["annotations"] = [a for a in document["annotations"] if a["image_id"] == 2]
+        (root / "annotations" / f"{kind}_train2017.json").write_text(json.dumps(document))
+
+    def read(**split):
+        part = DatasetPart("coco", str(root), **split)
+        return load_records(DatasetConfig(name="coco", modality="image", parts=[part]))
+
+    val, _ = read()
+    train, info = read(split="train2017")
+    assert [r.id for r in val] == ["1", "2", "3"] and [r.id for r in train] == ["2"]
+    assert train[0].path.parent.name == "train2017" and train[0].text == "A parked car."
+    assert info["parts"][0]["split"] == "train2017" and info["skipped"] == {}
+    with pytest.raises(DataError, match="instances_test2017.json"):
+        (root / "test2017").mkdir()
+        read(split="test2017")
+    with pytest.raises(UserError, match="only coco parts name a split"):
+        load_records(DatasetConfig(name="e", modality="audio",
+                                   parts=[DatasetPart("esc50", str(root), split="train2017")]))
 
 
 def test_unknown_format_is_a_user_error(tmp_path):

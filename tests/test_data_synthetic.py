@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import shutil
 from collections import Counter
 
 import numpy as np
 import pytest
 import soundfile as sf
+from PIL import Image
 
 from mcollapse.config import DatasetConfig, DatasetPart
 from mcollapse.data import (
@@ -17,9 +19,11 @@ from mcollapse.data import (
     espeak,
     load_media,
     load_records,
+    split_config,
     synthetic_speech,
     synthetic_vision,
 )
+from mcollapse.data.generators import generate
 from mcollapse.data.synthetic_vision import boxes_overlap
 from mcollapse.errors import DataError, UserError
 
@@ -43,14 +47,18 @@ def speech_config(data_root, **options):
 
 
 def vision_config(data_root, **options):
+    """The evaluated val2017 part, with small train2017 and dev2017 splits beside it (unless set)."""
+    root = str(data_root / "synthetic_vision" / "coco")
     return DatasetConfig(
         name="synthetic_vision",
         modality="image",
-        parts=[DatasetPart("coco", str(data_root / "synthetic_vision" / "coco"))],
+        parts=[DatasetPart("coco", root)],
+        splits={"train": [DatasetPart("coco", root, "train2017")],
+                "dev": [DatasetPart("coco", root, "dev2017")]},
         info_types=["lexical", "object_category", "super_category", "object_count",
                     "object_size", "spatial_spread"],
         generate="synthetic_vision",
-        generate_options=options,
+        generate_options={"n_dev_images": 2, "n_train_images": 3, **options},
     )  # fmt: skip
 
 
@@ -137,19 +145,108 @@ def test_vision_reads_back_with_labels_and_no_overlaps(tmp_path):
     image = load_media(records[0], strict=True).image
     assert image.size == (128, 128) and image.mode == "RGB"
     assert records[0].text and records[0].text.split()[-1] in {
-        "background", "circle", "circles", "square", "squares", "triangle", "triangles",
-        "star", "stars", "cross", "crosses",
-    }  # fmt: skip
+        "background", "left", "right", "top", "bottom", "centre"}
 
 
-def test_vision_caption_names_groups():
+def test_vision_captions_name_groups_in_two_wordings():
     objects = [
-        {"colour": "red", "name": "circle"},
-        {"colour": "blue", "name": "square"},
-        {"colour": "red", "name": "circle"},
+        {"colour": "red", "name": "circle", "size": "small", "region": (0, 0)},
+        {"colour": "blue", "name": "star", "size": "large", "region": (1, 2)},
+        {"colour": "red", "name": "circle", "size": "small", "region": (0, 0)},
     ]
-    assert synthetic_vision.caption(objects) == "two red circles and a blue square"
+    assert synthetic_vision.caption(objects) == (
+        "two small red circles in the top left and a large blue star on the right")
+    assert synthetic_vision.caption_by_place(objects) == (
+        "in the upper left corner there are two small circles in red; "
+        "on the right side there is one large star in blue")
     assert synthetic_vision.caption([]) == "an empty background"
+
+
+SPLIT_OPTIONS = {"n_images": 12, "n_dev_images": 5, "n_train_images": 15, "seed": 3}
+
+
+def test_vision_splits_are_disjoint_and_each_reads_back(tmp_path):
+    cfg = vision_config(tmp_path, **SPLIT_OPTIONS)
+    val, info = load_records(cfg)
+    train, train_info = load_records(split_config(cfg, "train"))
+    dev, _ = load_records(split_config(cfg, "dev"))
+    assert (len(val), len(dev), len(train)) == (12, 5, 15)
+    assert info["generated"] and not train_info["generated"]  # one generation writes every split
+    assert {r.path.parent.name for r in val} == {"val2017"}
+    assert {r.path.parent.name for r in train} == {"train2017"}
+    assert {r.path.parent.name for r in dev} == {"dev2017"}
+    ids = [r.id for r in val + dev + train]
+    names = [r.path.name for r in val + dev + train]
+    assert len(set(ids)) == len(ids) == len(set(names)) == 32
+    assert all(r.text for r in val + dev + train) and train_info["skipped"] == {}
+    assert info["fingerprint"] != train_info["fingerprint"]
+
+
+PHRASE = re.compile(r"(\w+) (small|medium|large) (\w+) (\w+) (in the top left|at the top|in the top "
+                    r"right|on the left|in the centre|on the right|in the bottom left|at the "
+                    r"bottom|in the bottom right)(?:,|$| and)")
+ITEM = re.compile(r"(\w+) (small|medium|large) (\w+) in (\w+)")
+
+
+def _number(word):
+    return {"a": 1, "one": 1}.get(word) or synthetic_vision.NUMBER_WORDS.index(word)
+
+
+def _singular(noun):
+    return {plural: name for name, plural in synthetic_vision.PLURALS.items()}.get(noun, noun)
+
+
+def test_vision_captions_agree_with_boxes_and_pixels(tmp_path):
+    """Both captions of each image name the count, size, colour, shape and place of its objects,
+    as read back from the annotations (size, shape, place) and the pixels (colour)."""
+    load_records(vision_config(tmp_path, n_images=12, seed=3))
+    root = tmp_path / "synthetic_vision" / "coco"
+    instances = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    captions = json.loads((root / "annotations" / "captions_val2017.json").read_text())
+    names = {c["id"]: c["name"] for c in instances["categories"]}
+    regions = {words: cell for cell, pair in synthetic_vision.REGIONS.items() for words in pair}
+    palette = {name: np.array(rgb) for name, rgb in synthetic_vision.COLOURS.items()}
+    by_image = {}
+    for image in instances["images"]:
+        pixels = np.asarray(Image.open(root / "val2017" / image["file_name"]).convert("RGB"), dtype=float)
+        expected = Counter()
+        for ann in (a for a in instances["annotations"] if a["image_id"] == image["id"]):
+            x, y, w, h = ann["bbox"]
+            rgb = pixels[int(y + h / 2), int(x + w / 2)]
+            colour = min(palette, key=lambda c: np.abs(palette[c] - rgb).sum())
+            side = max(w, h) / 128
+            size = "small" if side < 0.12 else "large" if side >= 0.22 else "medium"
+            cell = (min(int(3 * (y + h / 2) / 128), 2), min(int(3 * (x + w / 2) / 128), 2))
+            expected[(size, colour, names[ann["category_id"]], cell)] += 1
+        by_image[image["id"]] = expected
+    texts = {}
+    for ann in captions["annotations"]:
+        texts.setdefault(ann["image_id"], []).append(ann["caption"])
+    assert sorted(texts) == sorted(by_image) and sum(len(e) > 1 for e in by_image.values()) >= 3
+    for image_id, expected in by_image.items():
+        first, second = texts[image_id]
+        said = Counter()
+        for number, size, colour, noun, place in PHRASE.findall(first):
+            said[(size, colour, _singular(noun), regions[place])] += _number(number)
+        assert said == expected, first
+        said = Counter()
+        for clause in second.split("; ") if expected else []:
+            place, _, items = re.match(r"(.*) there (is|are) (.*)", clause).groups()
+            for number, size, noun, colour in ITEM.findall(items):
+                said[(size, colour, _singular(noun), regions[place])] += _number(number)
+        assert said == expected, second
+
+
+def test_vision_generation_is_deterministic(tmp_path):
+    options = {"n_images": 6, "n_dev_images": 2, "n_train_images": 4, "seed": 5}
+    for name in ("a", "b"):
+        generate("synthetic_vision", tmp_path / name, options)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 3 * 2 + 12 + 1  # annotations, images, marker
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    generate("synthetic_vision", tmp_path / "c", {**options, "seed": 6})
+    val = "coco/annotations/captions_val2017.json"
+    assert (tmp_path / "a" / val).read_text() != (tmp_path / "c" / val).read_text()
 
 
 def test_generation_reruns_only_when_options_change(tmp_path):

@@ -4,7 +4,8 @@
 `format` (librispeech, cremad, esc50, coco), generating synthetic sets first when the config
 names a generator. A generated dataset's part roots must be `<dir>/<subdir>` with the
 generator's subdir names (synthetic_speech: CREMA-D, ESC-50; synthetic_vision: coco); the
-generator writes into that shared parent `<dir>`. `select` picks a deterministic (optionally
+generator writes into that shared parent `<dir>`. A coco part may name its `split` (train2017,
+...; default val2017), so one root serves every split. `select` picks a deterministic (optionally
 stratified) subset, `derive_labels` turns raw fields into probe classes, and `load_media`
 reads one record's audio or image.
 """
@@ -135,6 +136,8 @@ def load_records(dataset_cfg, digests: ContentDigests | None = None) -> tuple[li
             raise UserError(
                 f"dataset {name!r}: unknown format {part.format!r}; known: {', '.join(FORMATS)}"
             )
+        if getattr(part, "split", None) and part.format != "coco":
+            raise UserError(f"dataset {name!r}: only coco parts name a split, not {part.format!r}")
     text_normalization = str(getattr(dataset_cfg, "text_normalization", "none"))
     if text_normalization not in TEXT_NORMALIZATIONS:
         raise UserError(f"dataset {name!r}: text_normalization {text_normalization!r} is not one of "
@@ -154,22 +157,24 @@ def load_records(dataset_cfg, digests: ContentDigests | None = None) -> tuple[li
     loaded: list[tuple[str, list[Record]]] = []
     for part, root in zip(parts, roots):
         module = FORMATS[part.format]
+        split = getattr(part, "split", None)
         if not root.is_dir():
             raise DataError(f"dataset {name!r}: {root} not found; expected {module.LAYOUT}")
         try:
-            part_records, part_skipped = module.load_part(root)
+            part_records, part_skipped = module.load_part(root, split) if split else module.load_part(root)
         except DataError as exc:
             raise DataError(f"dataset {name!r}: {exc}") from exc
         if not part_records:
             raise DataError(
-                f"dataset {name!r}: no usable samples under {root}; expected {module.LAYOUT}"
+                f"dataset {name!r}: no usable samples under {root}; expected "
+                f"{module.layout(split) if split else module.LAYOUT}"
             )
         for reason, count in sorted(part_skipped.items()):
             skipped[f"{part.format}: {reason}"] += count
             log.warning("%s (%s): skipped %d file(s): %s", name, root, count, reason)
         per_part.append(
-            {"format": part.format, "root": str(root), "n_records": len(part_records),
-             "skipped": dict(sorted(part_skipped.items()))}
+            {"format": part.format, "root": str(root), **({"split": split} if split else {}),
+             "n_records": len(part_records), "skipped": dict(sorted(part_skipped.items()))}
         )  # fmt: skip
         loaded.append((part.format, part_records))
         records.extend(part_records)

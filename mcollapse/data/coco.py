@@ -1,5 +1,9 @@
 """COCO val2017: images with captions and instance boxes, read with pycocotools.
 
+A part reads one split of a COCO root: `val2017` unless the part names another (`split:
+train2017`), i.e. `<root>/<split>/*.jpg` with `<root>/annotations/{instances,captions}_<split>.json`,
+so the real COCO tree (train2017 and val2017 under one root) serves both.
+
 Per image, from its non-crowd boxes only (crowd regions are not single objects):
 
 * `object_category`: the category of the largest box (bbox w*h; ties -> lowest annotation id).
@@ -28,19 +32,24 @@ import numpy as np
 from mcollapse.data.base import Record, media_problem
 from mcollapse.errors import DataError
 
-LAYOUT = (
-    "<root>/val2017/<image>.jpg with <root>/annotations/instances_val2017.json "
-    "and <root>/annotations/captions_val2017.json"
-)
+DEFAULT_SPLIT = "val2017"
 
 
-def _load_coco(path: Path, required: tuple[str, ...]):
+def layout(split: str = DEFAULT_SPLIT) -> str:
+    return (f"<root>/{split}/<image>.jpg with <root>/annotations/instances_{split}.json "
+            f"and <root>/annotations/captions_{split}.json")
+
+
+LAYOUT = layout()
+
+
+def _load_coco(path: Path, required: tuple[str, ...], split: str = DEFAULT_SPLIT):
     """A pycocotools COCO index, quiet (it prints progress) and with a one-line error; a missing
     top-level key is named (pycocotools would index it as empty and every image would vanish)."""
     from pycocotools.coco import COCO
 
     if not path.is_file():
-        raise DataError(f"{path} not found; expected {LAYOUT}")
+        raise DataError(f"{path} not found; expected {layout(split)}")
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             index = COCO(str(path))
@@ -105,14 +114,16 @@ def _first_captions(captions) -> dict[int, str]:
     return first
 
 
-def load_part(root: Path) -> tuple[list[Record], Counter]:
-    """One record per annotated image whose file exists with the size the annotations give (its
-    boxes are normalised by that size); the rest are counted."""
-    image_dir = root / "val2017"
+def load_part(root: Path, split: str | None = None) -> tuple[list[Record], Counter]:
+    """One record per annotated image of the split (default val2017) whose file exists with the
+    size the annotations give (its boxes are normalised by that size); the rest are counted."""
+    split = split or DEFAULT_SPLIT
+    image_dir = root / split
     if not image_dir.is_dir():
-        raise DataError(f"{image_dir} not found; expected {LAYOUT}")
-    instances = _load_coco(root / "annotations" / "instances_val2017.json", ("images", "annotations", "categories"))
-    captions = _first_captions(_load_coco(root / "annotations" / "captions_val2017.json", ("annotations",)))
+        raise DataError(f"{image_dir} not found; expected {layout(split)}")
+    annotations = root / "annotations"
+    instances = _load_coco(annotations / f"instances_{split}.json", ("images", "annotations", "categories"), split)
+    captions = _first_captions(_load_coco(annotations / f"captions_{split}.json", ("annotations",), split))
     categories = instances.cats
     skipped: Counter = Counter()
     records: list[Record] = []
