@@ -144,12 +144,12 @@ class TrainAdapterExperiment(ExperimentConfig):
     lr: float = 1.0e-3
     weight_decay: float = 0.01
     warmup_steps: int = 50
-    max_steps: int = 1000
+    max_steps: int = 800
     min_lr_ratio: float = 0.05
     batch_size: int = 16
     max_grad_norm: float = 1.0
     eval_every: int = 100
-    checkpoint_every: int = 250
+    checkpoint_every: int = 200
     patience: int = 3  # evaluations without a better dev loss before stopping
     autocast: str = "auto"  # auto (bf16 on CUDA or a CPU with bf16 instructions) | bf16 | none
     max_minutes: Optional[float] = None  # stop (and say so) after this much training time
