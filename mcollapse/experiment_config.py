@@ -188,7 +188,8 @@ EXPERIMENTS = {
     "probe": TextSideExperiment, "extract": TextSideExperiment, "wasserstein": WassersteinExperiment,
     "lipschitz": LipschitzExperiment, "gradproj": GradprojExperiment, "gmi": GmiExperiment,
     "modes": ExperimentConfig, "ablation": AblationExperiment, "msswap": MsswapExperiment,
-    "lora": LoraExperiment, "train_adapter": TrainAdapterExperiment, "report": ReportExperiment, "verify": ReportExperiment, "cache": ReportExperiment,
+    "lora": LoraExperiment, "train_adapter": TrainAdapterExperiment,
+    "report": ReportExperiment, "verify": ReportExperiment, "cache": ReportExperiment,
 }
 
 

@@ -22,8 +22,8 @@ class Kind:
 
 KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("activations", "activations",
-         ("model", "source", "checkpoint", "revision", "dtype", "projector", "lora", "input", "dataset", "n", "ids", "texts",
-          "hooks", "pooling", "prompt", "window"),
+         ("model", "source", "checkpoint", "revision", "dtype", "projector", "lora", "input", "dataset", "n", "ids",
+          "texts", "hooks", "pooling", "prompt", "window"),
          "extraction.extract", "probe, wasserstein, similarity, layers, lora", "dir"),
     Kind("sequences", "sequences",
          ("model", "source", "checkpoint", "revision", "dtype", "projector", "dataset", "adapter", "window", "role"),
