@@ -37,7 +37,7 @@ from mcollapse.experiments.gmi import alternatives
 from mcollapse.extraction.extract import model_identity
 from mcollapse.extraction.sequences import adapter_sequences
 from mcollapse.models import load_model
-from mcollapse.models.adapter_train import BEST_DIR, CHECKPOINTS_DIR, Example, ProjectorTrainer, project
+from mcollapse.models.adapter_train import BEST_DIR, CHECKPOINTS_DIR, Example, ProjectorTrainer, evaluate, project
 from mcollapse.models.decoder import Decoder
 from mcollapse.models.projector import WEIGHTS_FILE, load_projector, projector_module
 from mcollapse.pipeline.decoder_side import candidate_scores
@@ -49,6 +49,7 @@ from mcollapse.store import ContentDigests, ids_digest
 log = logging.getLogger(__name__)
 
 ORGANISM_FILE = "organism.json"
+N_CHECK = 16  # held-out samples whose float32 loss is recorded for a shipped projector's load check
 SPEAKER_FIELD = "speaker_id"
 
 
@@ -152,6 +153,13 @@ def heldout_metrics(cfg, family, decoder, projector, examples: list[Example], re
     return metrics, samples
 
 
+def check_record(cfg, family, decoder, projector, examples: list[Example], batch_size: int) -> dict:
+    """The float32 loss per answer token on a few held-out samples: what a shipped copy must reproduce."""
+    loss, _ = evaluate(decoder, projector, examples, family.prompt_token_parts(), batch_size)
+    return {"dataset": str(cfg.dataset.name), "ids": [e.id for e in examples], "loss_per_token": loss,
+            "dtype": "float32", "autocast": "none"}
+
+
 def run(cfg, run_dir: Path) -> dict:
     exp = cfg.experiment
     rec = recorder(cfg, run_dir)
@@ -190,6 +198,7 @@ def run(cfg, run_dir: Path) -> dict:
     metrics, samples = heldout_metrics(cfg, family, decoder, projector, examples["eval"], splits["eval"][0],
                                        trainer, rec)
 
+    check = check_record(cfg, family, decoder, projector, examples["eval"][:N_CHECK], eval_batch)
     with rec.stage("report"):
         shutil.copyfile(state.path / BEST_DIR / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
         for step in outcome.checkpoints:
@@ -215,7 +224,7 @@ def run(cfg, run_dir: Path) -> dict:
         "data": {name: {**splits[name][1], "n": len(sequences[name].ids), "ids_digest": ids_digest(sequences[name].ids),
                         "n_speakers": len({r.fields.get(SPEAKER_FIELD) for r in splits[name][0]} - {None})}
                  for name in splits},
-        "disjoint_from_train": disjoint, "history": outcome.history, "checkpoints": outcome.checkpoints,
+        "disjoint_from_train": disjoint, "check": check, "history": outcome.history, "checkpoints": outcome.checkpoints,
         "heldout": metrics, "training": {k: summary[k] for k in ("steps", "best_step", "best_dev_loss",
                                                                  "initial_dev_loss", "stop_reason", "train_seconds",
                                                                  "device", "autocast")},

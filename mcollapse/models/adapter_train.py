@@ -114,6 +114,28 @@ def batches_of(items: list, size: int):
         yield items[start : start + size]
 
 
+def projected_loss(decoder: Decoder, projector: nn.Module, chunk: list[Example], parts,
+                   autocast: torch.dtype | None) -> tuple[torch.Tensor, int, int]:
+    """Mean cross-entropy over the answer tokens of `chunk`, with the token count and argmax hits."""
+    z, lengths = project(projector, [e.x for e in chunk], decoder.device)
+    batch = compose(decoder.family, lengths, [e.answer for e in chunk], "content", "sum", parts)
+    context = nullcontext() if autocast is None else torch.autocast(decoder.device.type, dtype=autocast)
+    with context:
+        return decoder.answer_loss(batch, z)
+
+
+def evaluate(decoder: Decoder, projector: nn.Module, examples: list[Example], parts, batch_size: int,
+             autocast: torch.dtype | None = None) -> tuple[float, float]:
+    """Mean cross-entropy per answer token and token accuracy over `examples` (no gradients)."""
+    total, tokens, correct = 0.0, 0, 0
+    ordered = sorted(examples, key=lambda e: e.x.shape[0])  # similar lengths batch with less padding
+    with torch.no_grad():
+        for chunk in batches_of(ordered, batch_size):
+            loss, n, hits = projected_loss(decoder, projector, chunk, parts, autocast)
+            total, tokens, correct = total + float(loss) * n, tokens + n, correct + hits
+    return total / max(tokens, 1), correct / max(tokens, 1)
+
+
 class ProjectorTrainer:
     def __init__(self, decoder: Decoder, projector: nn.Module, settings, parts, state_dir: Path, seed: int,
                  eval_batch_size: int):
@@ -131,26 +153,11 @@ class ProjectorTrainer:
                                                    settings.min_lr_ratio))
         self.autocast = autocast_dtype(settings.autocast, decoder.device)
 
-    def _autocast(self):
-        if self.autocast is None:
-            return nullcontext()
-        return torch.autocast(self.decoder.device.type, dtype=self.autocast)
-
     def loss(self, chunk: list[Example]) -> tuple[torch.Tensor, int, int]:
-        z, lengths = project(self.projector, [e.x for e in chunk], self.decoder.device)
-        batch = compose(self.decoder.family, lengths, [e.answer for e in chunk], "content", "sum", self.parts)
-        with self._autocast():
-            return self.decoder.answer_loss(batch, z)
+        return projected_loss(self.decoder, self.projector, chunk, self.parts, self.autocast)
 
     def evaluate(self, examples: list[Example]) -> tuple[float, float]:
-        """Mean cross-entropy per answer token and token accuracy over `examples` (no gradients)."""
-        total, tokens, correct = 0.0, 0, 0
-        ordered = sorted(examples, key=lambda e: e.x.shape[0])
-        with torch.no_grad():
-            for chunk in batches_of(ordered, self.eval_batch_size):
-                loss, n, hits = self.loss(chunk)
-                total, tokens, correct = total + float(loss) * n, tokens + n, correct + hits
-        return total / max(tokens, 1), correct / max(tokens, 1)
+        return evaluate(self.decoder, self.projector, examples, self.parts, self.eval_batch_size, self.autocast)
 
     def batch_at(self, train: list[Example], step: int) -> list[Example]:
         """The batch of optimiser step `step`: known in advance, so a resumed run takes the same."""
