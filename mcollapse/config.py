@@ -42,7 +42,7 @@ class ModelConfig:
     hook_paths: dict[str, Optional[str]] = field(  # role -> explicit module path (None: by structure)
         default_factory=lambda: dict.fromkeys(["encoder_output", "adapter_output", "llm_layer", "llm_final"])
     )
-    build: Optional[str] = None  # offline builder name (tiny_*, smol_speech) when no hub checkpoint
+    build: Optional[str] = None  # offline builder name (tiny_*, smol_speech, smol_vision) when no hub checkpoint
     lora: Optional[str] = None  # a saved LoRA adapter dir (experiment=lora writes one), merged at load
     projector: Optional[str] = None  # trained projector weights (a file, a train_adapter run/checkpoint dir,
     # or shipped:<organism>) put over the checkpoint's at load

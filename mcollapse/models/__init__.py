@@ -45,11 +45,15 @@ def build_offline(build: str, cfg, cache_dir: Path) -> Path:
         from mcollapse.models.provision import DEFAULT_WINDOW_S, ensure_smol_speech
 
         return ensure_smol_speech(cache_dir, window_seconds=float(cfg.audio_window_s or DEFAULT_WINDOW_S))
+    if build == "smol_vision":
+        from mcollapse.models.provision.smol_vision import ensure_smol_vision
+
+        return ensure_smol_vision(cache_dir)
     from mcollapse.models.twins import TINY_MODELS, ensure_tiny_checkpoint
 
     if build in TINY_MODELS:
         return ensure_tiny_checkpoint(build, cache_dir)
-    raise UserError(f"model.build '{build}' is unknown (smol_speech, {', '.join(TINY_MODELS)})")
+    raise UserError(f"model.build '{build}' is unknown (smol_speech, smol_vision, {', '.join(TINY_MODELS)})")
 
 
 def checkpoint_source(cfg, cache_dir: Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from transformers import LlavaForConditionalGeneration
 
+import mcollapse.models.vision  # noqa: F401  (registers smol_vision's EfficientNet-Lite tower)
 from mcollapse.data.base import Sample
 from mcollapse.models.base import Batch, ChatFamily
 

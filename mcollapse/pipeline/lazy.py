@@ -37,7 +37,7 @@ def pinned(model_cfg) -> bool:
     identity would serve activations of a model that is no longer the one named, so such a model
     is always loaded. Trusted are a 40-hex commit sha, a local checkpoint (`local_path`, taken as
     named: rewriting its files in place is the user's change to make under a new path) and the
-    checkpoints built offline (tiny twins, smol_speech), whose builder fingerprint is in the key."""
+    checkpoints built offline (tiny twins, smol_speech, smol_vision), whose builder fingerprint is in the key."""
     if model_cfg.build:
         return True
     if model_cfg.local_path:
@@ -53,6 +53,10 @@ def build_fingerprint(model_cfg, cache_dir: Path) -> str | None:
         from mcollapse.models.provision.smol_speech import smol_speech_dir
 
         return smol_speech_dir(cache_dir, float(model_cfg.audio_window_s or DEFAULT_WINDOW_S)).name
+    if model_cfg.build == "smol_vision":
+        from mcollapse.models.provision.smol_vision import smol_vision_dir
+
+        return smol_vision_dir(cache_dir).name
     from mcollapse.models.twins import TINY_MODELS, builder_fingerprint
 
     if model_cfg.build in TINY_MODELS:

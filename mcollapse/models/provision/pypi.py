@@ -29,10 +29,11 @@ class PyPIWheel:
     project: str
     version: str
     sha256: str
+    tag: str = "py3-none-any"  # the wheel's python-abi-platform tag, as in its file name
 
     @property
     def filename(self) -> str:
-        return f"{self.project.replace('-', '_')}-{self.version}-py3-none-any.whl"
+        return f"{self.project.replace('-', '_')}-{self.version}-{self.tag}.whl"
 
     @property
     def requirement(self) -> str:
