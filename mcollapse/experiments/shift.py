@@ -169,7 +169,7 @@ def run(cfg, run_dir: Path) -> dict:
     with rec.stage("report"):
         shift_figure(per_layer, run_dir / "shift.png",
                      f"{summary['model_a']} vs {summary['model_b']} on {cfg.dataset.name}: {len(tokens.ids)} texts, "
-                     f"{total} tokens (BOS and pads excluded)", sae_index)
+                     f"{total} tokens ({'BOS and pads' if has_bos else 'pads'} excluded)", sae_index)
     rec.write(rows, summary, {"per_layer": per_layer})
     print(f"shift {summary['model_a']} vs {summary['model_b']}: mean cos(means) {summary['mean_cosine_of_means']:.4f}, "
           f"mean token CKA {summary['mean_cka_tokens']:.4f}, last layer relative token L2 "
