@@ -213,6 +213,10 @@ def _experiment(exp) -> None:
         _fraction("experiment.test", exp.test)
         if exp.val + exp.test >= 1:
             raise UserError(f"experiment.val + experiment.test must be < 1, got {exp.val + exp.test:g}")
+    if "max_cka_tokens" in exp:  # shift
+        _at_least("experiment.max_cka_tokens", exp.max_cka_tokens, 2)
+    if "other_perturbation" in exp and exp.other_perturbation < 0:
+        raise UserError(f"experiment.other_perturbation must be >= 0, got {exp.other_perturbation}")
 
 
 def _modes(modes) -> None:

@@ -184,6 +184,25 @@ class CacheSettings:
     dry_run: bool = True  # prune: list what would be deleted; false deletes it
 
 
+@dataclass
+class ShiftSae:
+    path: Optional[str] = None  # a Gemma Scope params.npz (or its directory); null: no SAE comparison
+    layer: Optional[int] = None  # the block whose OUTPUT the SAE was trained on, 0-based (Gemma Scope's layer_k)
+
+
+@dataclass
+class ShiftExperiment(ExperimentConfig):
+    """Representation shift between the run's model and another reading the same token ids (experiments.shift)."""
+
+    other_model: Optional[str] = None  # a model config name (the base LLM); null: the run's model itself
+    other_lora: Optional[str] = None  # a LoRA adapter dir put on the other model (null: none)
+    other_perturbation: float = 0.0  # seeded relative noise on the other model's LLM weights (0: none)
+    n_samples: Optional[int] = 200  # texts (null: every selected sample with one)
+    batch_size: Optional[int] = None  # null: model.batch_size
+    max_cka_tokens: int = 4096  # token-level CKA on a seeded subset of this many tokens (the same in both)
+    sae: ShiftSae = field(default_factory=ShiftSae)
+
+
 EXPERIMENTS = {
     "probe": TextSideExperiment, "extract": TextSideExperiment, "wasserstein": WassersteinExperiment,
     "lipschitz": LipschitzExperiment, "gradproj": GradprojExperiment, "gmi": GmiExperiment,
@@ -191,6 +210,7 @@ EXPERIMENTS = {
     "lora": LoraExperiment, "train_adapter": TrainAdapterExperiment,
     "report": ReportExperiment, "verify": ReportExperiment, "cache": ReportExperiment,
 }
+EXPERIMENTS["shift"] = ShiftExperiment
 
 
 def register(cs: ConfigStore) -> None:

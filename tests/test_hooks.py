@@ -16,7 +16,7 @@ from tests.helpers import audio_samples, image_samples, model_cfg
 @pytest.fixture(scope="module")
 def families(cache_dir):
     return {name: load_model(model_cfg(name), cache_dir, "cpu")
-            for name in ("tiny_qwen2audio", "tiny_llava", "tiny_llama")}
+            for name in ("tiny_qwen2audio", "tiny_llava", "tiny_llama", "tiny_paligemma2", "tiny_gemma2")}
 
 
 def _targets(family, layer=16):
@@ -40,6 +40,11 @@ def test_roles_resolve_by_structure(families):
     assert "language_model" in llava["llm_layer"].path
     text = _targets(families["tiny_llama"])
     assert [t.role for t in text] == ["llm_layer", "llm_final"]
+    pali = {t.role: t for t in _targets(families["tiny_paligemma2"])}
+    assert pali["encoder_output"].path.endswith("multi_modal_projector") and pali["encoder_output"].capture == "input"
+    assert pali["adapter_output"].capture == "output"
+    assert "language_model.layers.16" in pali["llm_layer"].path and pali["llm_final"].path.endswith("norm")
+    assert [t.role for t in _targets(families["tiny_gemma2"])] == ["llm_layer", "llm_final"]
 
 
 def test_unresolvable_hook_names_nearby_modules(families):
@@ -58,7 +63,7 @@ def test_explicit_path_override_wins(families):
     assert target.path == path and target.capture == "output"
 
 
-@pytest.mark.parametrize("name", ["tiny_qwen2audio", "tiny_llava"])
+@pytest.mark.parametrize("name", ["tiny_qwen2audio", "tiny_llava", "tiny_paligemma2"])
 @pytest.mark.parametrize("pooling", ["all", "modality"])
 def test_batch_of_padded_samples_equals_singles(families, name, pooling):
     family = families[name]
@@ -70,11 +75,11 @@ def test_batch_of_padded_samples_equals_singles(families, name, pooling):
             torch.testing.assert_close(vectors[i], alone[hook][0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["tiny_qwen2audio", "tiny_llava", "tiny_llama"])
+@pytest.mark.parametrize("name", ["tiny_qwen2audio", "tiny_llava", "tiny_llama", "tiny_paligemma2", "tiny_gemma2"])
 def test_text_batches_equal_singles(families, name):
     family = families[name]
     texts = ["a short one", "a much longer sentence with many more words in it", "mid length text"]
-    fmt = "raw" if name == "tiny_llama" else "prompt"
+    fmt = "raw" if name in ("tiny_llama", "tiny_gemma2") else "prompt"
     batch = family.prepare_text(["0", "1", "2"], texts, fmt=fmt)
     targets = resolve_hooks(family.model, ["llm_layer", "llm_final"], 16, {})
     hidden = capture(family.model, targets, lambda: family.model(**batch.inputs, use_cache=False))

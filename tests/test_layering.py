@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mcollapse"
-FAMILIES = ("base", "qwen2audio", "llava", "ultravox", "prismatic", "causal_lm", "vit", "roles", "decoder")
+FAMILIES = ("base", "qwen2audio", "llava", "ultravox", "prismatic", "causal_lm", "vit", "roles", "decoder",
+            "paligemma")
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -16,6 +16,7 @@ FAMILIES = {
     "causal_lm": "mcollapse.models.causal_lm:CausalLMFamily",
     "ultravox": "mcollapse.models.ultravox:UltravoxFamily",
     "prismatic": "mcollapse.models.prismatic:PrismaticFamily",
+    "paligemma": "mcollapse.models.paligemma:PaliGemmaFamily",
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -20,6 +20,7 @@ import transformers
 
 from mcollapse.data.base import SAMPLE_RATE
 from mcollapse.models.twins import shapes
+from mcollapse.models.twins.gemma import build_tiny_gemma2, build_tiny_paligemma2
 from mcollapse.models.twins.hf import build_tiny_llama, build_tiny_llava, build_tiny_qwen2audio
 from mcollapse.models.twins.prismatic import build_tiny_prismatic
 from mcollapse.models.twins.tokenization import (
@@ -33,7 +34,7 @@ from mcollapse.models.twins.tokenization import (
 from mcollapse.models.twins.ultravox import build_tiny_ultravox
 
 TINY_MODELS = ("tiny_qwen2audio", "tiny_llava", "tiny_llama", "tiny_ultravox", "tiny_prismatic",
-               "tiny_prismatic_siglip")
+               "tiny_prismatic_siglip", "tiny_gemma2", "tiny_paligemma2")
 
 # Bump whenever the files a builder writes change in a way the spec below does not capture.
 BUILDER_VERSION = "2"
@@ -45,6 +46,8 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "tiny_ultravox": build_tiny_ultravox,
     "tiny_prismatic": build_tiny_prismatic,
     "tiny_prismatic_siglip": partial(build_tiny_prismatic, vision_backbone_id="tiny-siglip-vit"),
+    "tiny_gemma2": build_tiny_gemma2,
+    "tiny_paligemma2": build_tiny_paligemma2,
 }
 
 # The modules each twin's files depend on, beyond the shared shapes and tokenizers: a change there rebuilds it.
@@ -56,7 +59,9 @@ BUILDER_MODULES = {"tiny_qwen2audio": ("mcollapse.models.twins.hf",),
                    "tiny_prismatic": ("mcollapse.models.twins.prismatic", "mcollapse.models.prismatic",
                                       "mcollapse.models.vit"),
                    "tiny_prismatic_siglip": ("mcollapse.models.twins.prismatic", "mcollapse.models.prismatic",
-                                             "mcollapse.models.vit")}
+                                             "mcollapse.models.vit"),
+                   "tiny_gemma2": ("mcollapse.models.twins.gemma",),
+                   "tiny_paligemma2": ("mcollapse.models.twins.gemma",)}
 
 
 def builder_fingerprint(name: str) -> str:

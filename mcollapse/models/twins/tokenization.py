@@ -175,6 +175,16 @@ LLAVA_TOKENIZER = TokenizerRoles(
     prepend_bos=True,
 )
 
+# Gemma's special tokens (pad 0, eos 1, bos 2, unk 3 as in the published tokenizer); BOS prepended.
+GEMMA_TOKENIZER = TokenizerRoles(
+    special_tokens=("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
+    bos_token="<bos>",
+    eos_token="<eos>",
+    pad_token="<pad>",
+    unk_token="<unk>",
+    prepend_bos=True,
+)
+
 
 def train_tokenizer(roles: TokenizerRoles) -> PreTrainedTokenizerFast:
     """Train a deterministic byte-level BPE on the built-in corpus and wrap it for transformers.
