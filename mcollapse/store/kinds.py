@@ -55,8 +55,6 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
          "train_adapter (resumes; its checkpoints load as model.projector)", "dir"),
     Kind("skip", "skip", ("version", "sequences", "ids", "target", "conditions", "max_new_tokens", "batch"),
          "experiments.skip", "skip", "dir"),
-    Kind("weight_overlap", "weight_overlap", ("version", "sequences", "ids", "texts", "sequential", "batch"),
-         "experiments.weight_overlap", "weight_overlap", "dir"),
 ]}
 
 
