@@ -46,7 +46,7 @@ def skip_figure(results: list[dict], path: Path, title: str) -> None:
 def overlap_figure(iou: dict, path: Path, title: str) -> None:
     """IoU of the P and T masks per layer (rows) and module (columns), one heatmap per sparsity.
     `iou`: {sparsity: (layers x modules array, module names)}."""
-    fig, axes = plt.subplots(1, len(iou), figsize=(4.2 * len(iou), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(iou), figsize=(max(6.5, 4.2 * len(iou)), 5), squeeze=False)
     for ax, (s, (grid, modules)) in zip(axes[0], iou.items()):
         image = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", origin="lower")
         expected = (1 - s) / (1 + s)
