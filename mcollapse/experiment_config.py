@@ -114,6 +114,28 @@ class MsswapExperiment(ScoredExperiment):
 
 
 @dataclass
+class SkipExperiment(ScoredExperiment):
+    """Computation skipping in the LLM (experiments.skip); see conf/experiment/skip.yaml."""
+
+    operations: list[str] = field(default_factory=lambda: ["block", "ffn", "parallel", "exit"])
+    gating: list[str] = field(default_factory=lambda: ["modality", "all", "decode"])
+    start: int = 0
+    end: Optional[int] = None
+    intervals: list[int] = field(default_factory=lambda: [2])
+    parallel_norm: str = "input"  # input | post
+    max_new_tokens: int = 32
+
+
+@dataclass
+class WeightOverlapExperiment(ScoredExperiment):
+    """Wanda-style modality subnetworks (experiments.weight_overlap)."""
+
+    sparsities: list[float] = field(default_factory=lambda: [0.3, 0.5])
+    sequential: bool = False
+    prune_eval: bool = False
+
+
+@dataclass
 class LoraQuestion:
     what: str = "???"
     question: str = "???"
@@ -209,6 +231,7 @@ EXPERIMENTS = {
     "modes": ExperimentConfig, "ablation": AblationExperiment, "msswap": MsswapExperiment,
     "lora": LoraExperiment, "train_adapter": TrainAdapterExperiment,
     "report": ReportExperiment, "verify": ReportExperiment, "cache": ReportExperiment,
+    "skip": SkipExperiment, "weight_overlap": WeightOverlapExperiment,
 }
 EXPERIMENTS["shift"] = ShiftExperiment
 

@@ -14,9 +14,8 @@ from mcollapse.errors import UserError
 EXPERIMENTS = {
     name: f"mcollapse.experiments.{name}"
     for name in ("ablation", "cache", "extract", "gmi", "gradproj", "lipschitz", "lora", "modes", "msswap", "probe",
-                 "report", "train_adapter", "verify", "wasserstein")
+                 "report", "shift", "skip", "train_adapter", "verify", "wasserstein", "weight_overlap")
 }
-EXPERIMENTS["shift"] = "mcollapse.experiments.shift"
 
 
 def experiment_module(name: str) -> ModuleType:

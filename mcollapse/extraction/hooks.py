@@ -81,3 +81,23 @@ def capture(
     if missing:
         raise RuntimeError(f"hooks did not fire during the forward pass: {sorted(missing)}")
     return store
+
+
+@contextmanager
+def edited(hooks: Iterable[tuple[nn.Module, str, Callable]]):
+    """Edit a forward pass: `(module, "pre" | "post", fn)` per hook, registered with kwargs and removed
+    on exit. A pre-hook `fn(module, args, kwargs)` may return new `(args, kwargs)`; a post-hook
+    `fn(module, args, kwargs, output)` may return a new output (None keeps them as they are)."""
+    handles = []
+    try:
+        for module, when, fn in hooks:
+            if when == "pre":
+                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+            elif when == "post":
+                handles.append(module.register_forward_hook(fn, with_kwargs=True))
+            else:
+                raise ValueError(f"hook kind must be 'pre' or 'post', got {when!r}")
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

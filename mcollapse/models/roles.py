@@ -130,3 +130,47 @@ def _resolve_role(model, role, name, llm_layer, adapter_names) -> HookTarget:
     if role == "encoder_output":
         return HookTarget(role, name, path, "input")
     raise HookResolutionError(f"unknown role '{role}'")
+
+
+@dataclass(frozen=True)
+class BlockParts:
+    """The sub-modules of a pre-norm decoder block (Llama-like: x + attn(ln1 x), then + mlp(ln2 .)),
+    found by what they are: the attention is the child holding q/k/v/o projections, the MLP the child
+    holding the feed-forward projections, the norms the two norm children in registration order."""
+
+    input_norm: nn.Module
+    attention: nn.Module
+    post_norm: nn.Module
+    mlp: nn.Module
+
+
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The LLM's decoder blocks, in order."""
+    return find_text_backbone(model).layers
+
+
+def block_parts(block: nn.Module) -> BlockParts:
+    children = list(block.named_children())
+    attention = [m for _, m in children if all(isinstance(getattr(m, n, None), nn.Linear) for n in ATTENTION_LINEARS)]
+    mlp = [m for _, m in children if isinstance(getattr(m, "down_proj", None), nn.Linear)]
+    norms = [m for _, m in children if "norm" in type(m).__name__.lower()]
+    if len(attention) != 1 or len(mlp) != 1 or len(norms) != 2:
+        raise HookResolutionError(f"block {type(block).__name__} is not a pre-norm attention + MLP block "
+                                  f"(children: {', '.join(n for n, _ in children)})")
+    return BlockParts(norms[0], attention[0], norms[1], mlp[0])
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """The block's linear layers by short name: q, k, v, o, gate, up, down (those it has)."""
+    parts = block_parts(block)
+    found = {}
+    for owner, names in ((parts.attention, ATTENTION_LINEARS), (parts.mlp, MLP_LINEARS)):
+        for name in names:
+            module = getattr(owner, name, None)
+            if isinstance(module, nn.Linear):
+                found[name.removesuffix("_proj")] = module
+    return found

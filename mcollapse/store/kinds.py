@@ -53,6 +53,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
          "data.load_records (the dataset fingerprint)", "file"),
     Kind("projectors", "projectors", ("model", "train/dev data", "training settings"), "experiments.train_adapter",
          "train_adapter (resumes; its checkpoints load as model.projector)", "dir"),
+    Kind("skip", "skip", ("version", "sequences", "ids", "target", "conditions", "max_new_tokens", "batch"),
+         "experiments.skip", "skip", "dir"),
 ]}
 
 
