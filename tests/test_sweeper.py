@@ -147,3 +147,18 @@ def test_paper_preset_composes_on_the_command_line(tmp_path, env):
     sweeper = OmegaConf.create(out)
     assert sweeper._target_ == "hydra_plugins.mcollapse_sweeper.staged_sweeper.StagedSweeper"
     assert [stage.name for stage in sweeper.stages] == ["extract", "measure", "intervene"]
+
+
+def test_organism_grid_measures_each_organism_beside_its_random_twin():
+    planned = dict(_plan("organism", validate=True))
+    assert list(planned) == ["measure", "intervene"]
+    jobs = [job for stage in planned.values() for job in stage]
+    by_experiment = {}
+    for job in jobs:
+        by_experiment.setdefault(job["experiment"], set()).add(job["model"])
+    organisms = {"smol_speech", "smol_speech_random", "smol_vision", "smol_vision_random"}
+    for experiment in ("probe", "lipschitz", "modes", "wasserstein", "gradproj", "ablation", "msswap", "gmi"):
+        assert by_experiment[experiment] == organisms, experiment
+    assert by_experiment["lora"] == {"smol_speech"}
+    assert {job["dataset"] for job in jobs if job["experiment"] == "gmi" and "speech" in job["model"]} == \
+        {"synthetic_librispeech"}
