@@ -53,6 +53,10 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
          "data.load_records (the dataset fingerprint)", "file"),
     Kind("projectors", "projectors", ("model", "train/dev data", "training settings"), "experiments.train_adapter",
          "train_adapter (resumes; its checkpoints load as model.projector)", "dir"),
+    Kind("layer_tokens", "layer_tokens",
+         ("model", "source", "checkpoint", "revision", "dtype", "projector", "lora", "input", "dataset", "n", "ids",
+          "texts", "prompt", "window", "max_tokens", "seed"),
+         "extraction.layers", "similarity, logit_lens, embedding_map", "file"),
 ]}
 
 
