@@ -225,6 +225,38 @@ class ShiftExperiment(ExperimentConfig):
     sae: ShiftSae = field(default_factory=ShiftSae)
 
 
+@dataclass
+class LayerLensExperiment(ExperimentConfig):
+    """Lenses on P (media) and T (text) representations at every LLM layer (extraction.layers)."""
+
+    text_pass: str = "same"  # same: T in the media + text pass | separate: T from the text alone
+    max_tokens: int = 32  # token positions kept per item and side (seeded draw); 0: all
+    batch_size: Optional[int] = None  # null: model.batch_size
+
+
+@dataclass
+class SimilarityExperiment(LayerLensExperiment):
+    pairings: list[str] = field(default_factory=lambda: ["all", "matched"])
+    poolings: list[str] = field(default_factory=lambda: ["pooled", "mean", "median", "max", "min"])
+    steps: list[int] = field(default_factory=lambda: [1, 8])  # consecutive layers l vs l+k
+    noise: bool = True  # the baseline with P replaced by uniform noise of the same shape and scale
+    compare: list[Any] = field(default_factory=list)  # [{name, model, projector}] beside the run's model
+
+
+@dataclass
+class LogitLensExperiment(LayerLensExperiment):
+    steps: list[int] = field(default_factory=lambda: [1, 8])
+    layers: Optional[list[int]] = None  # top-k tables at these layers (null: 0, L/4, L/2, 3L/4, L)
+    top_n: int = 10  # most frequent ids per table
+
+
+@dataclass
+class EmbeddingMapExperiment(LayerLensExperiment):
+    methods: list[str] = field(default_factory=lambda: ["pca"])  # pca | tsne
+    layers: Optional[list[int]] = None  # null: 0, L/2, L
+    perplexity: float = 30.0  # t-SNE (capped below a third of the points)
+
+
 EXPERIMENTS = {
     "probe": TextSideExperiment, "extract": TextSideExperiment, "wasserstein": WassersteinExperiment,
     "lipschitz": LipschitzExperiment, "gradproj": GradprojExperiment, "gmi": GmiExperiment,
@@ -232,8 +264,9 @@ EXPERIMENTS = {
     "lora": LoraExperiment, "train_adapter": TrainAdapterExperiment,
     "report": ReportExperiment, "verify": ReportExperiment, "cache": ReportExperiment,
     "skip": SkipExperiment, "weight_overlap": WeightOverlapExperiment,
+    "similarity": SimilarityExperiment, "logit_lens": LogitLensExperiment, "embedding_map": EmbeddingMapExperiment,
+    "shift": ShiftExperiment,
 }
-EXPERIMENTS["shift"] = ShiftExperiment
 
 
 def register(cs: ConfigStore) -> None:

@@ -16,6 +16,7 @@ EXPERIMENTS = {
     for name in ("ablation", "cache", "extract", "gmi", "gradproj", "lipschitz", "lora", "modes", "msswap", "probe",
                  "report", "shift", "skip", "train_adapter", "verify", "wasserstein", "weight_overlap")
 }
+EXPERIMENTS.update({name: f"mcollapse.experiments.{name}" for name in ("similarity", "logit_lens", "embedding_map")})
 
 
 def experiment_module(name: str) -> ModuleType:

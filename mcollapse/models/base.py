@@ -30,7 +30,8 @@ class Batch:
     for fixed image patches); `token_mask` marks real (non-padding) LLM positions (B, L);
     `modal_token_mask` marks the audio/image positions inside the LLM sequence (for text input:
     the text's own tokens); `encoder_frame_lengths` counts the encoder's valid positions where
-    they differ from the adapter's (None: the same as `frame_lengths`).
+    they differ from the adapter's (None: the same as `frame_lengths`); `text_token_mask` marks
+    the caption/transcript positions of a media + text input (`ChatFamily.prepare_with_text`).
     """
 
     ids: list[str]
@@ -39,6 +40,7 @@ class Batch:
     modal_token_mask: torch.Tensor
     frame_lengths: torch.Tensor | None = None
     encoder_frame_lengths: torch.Tensor | None = None
+    text_token_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Batch":
         moved = {}
@@ -125,6 +127,7 @@ class ChatFamily(ModelFamily):
 
     placeholder: str = ""
     model_class: type | None = None  # the transformers class a checkpoint in its published format loads with
+    token_inputs: tuple[str, ...] = ("input_ids", "attention_mask")  # (B, L) inputs aligned with token positions
 
     @property
     def tokenizer(self):
@@ -204,6 +207,39 @@ class ChatFamily(ModelFamily):
         else:
             raise ValueError(f"unknown text format '{fmt}' (prompt | raw)")
         return pad_token_rows(ids, rows, modal, pad_id=_pad_id(tok))
+
+
+    def prepare_with_text(self, samples: list[Sample], texts: list[str]) -> Batch:
+        """Media first, then the text: the modal prompt of `prepare`, followed by each sample's
+        text as the (teacher-forced) answer, in one sequence. `modal_token_mask` marks the
+        audio/image positions (P), `text_token_mask` the text's own tokens (T); padding stays on
+        the right, so every valid position keeps the position it has alone."""
+        if len(texts) != len(samples):
+            raise ValueError("one text per sample")
+        batch = self.prepare(samples)
+        lengths = [int(n) for n in batch.token_mask.sum(dim=1)]
+        bodies = [self.text_token_ids(t) for t in texts]
+        width = max(n + len(b) for n, b in zip(lengths, bodies))
+        rows = len(samples)
+
+        def widened(value: torch.Tensor, fill) -> torch.Tensor:
+            out = torch.full((rows, width), fill, dtype=value.dtype)
+            for i, n in enumerate(lengths):
+                out[i, :n] = value[i, :n]
+            return out
+
+        for name in self.token_inputs:
+            if name in batch.inputs:
+                batch.inputs[name] = widened(batch.inputs[name], self.pad_token_id if name == "input_ids" else 0)
+        text_mask = torch.zeros((rows, width), dtype=torch.bool)
+        for i, (n, body) in enumerate(zip(lengths, bodies)):
+            batch.inputs["input_ids"][i, n : n + len(body)] = torch.tensor(body, dtype=torch.long)
+            batch.inputs["attention_mask"][i, : n + len(body)] = 1
+            text_mask[i, n : n + len(body)] = True
+        batch.modal_token_mask = widened(batch.modal_token_mask, False)
+        batch.token_mask = batch.inputs["attention_mask"].bool()
+        batch.text_token_mask = text_mask
+        return batch
 
 
 def _pad_id(tok) -> int:

@@ -309,6 +309,7 @@ class UltravoxProcessor:
 class UltravoxFamily(ChatFamily):
     modality = "audio"
     placeholder = "<|audio|>"
+    token_inputs = ("input_ids", "attention_mask", "audio_token_mask")
 
     def _load_model(self):
         self.folder = checkpoint_folder(self.checkpoint, self.hub_kwargs())

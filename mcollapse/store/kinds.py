@@ -55,6 +55,10 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
          "train_adapter (resumes; its checkpoints load as model.projector)", "dir"),
     Kind("skip", "skip", ("version", "sequences", "ids", "target", "conditions", "max_new_tokens", "batch"),
          "experiments.skip", "skip", "dir"),
+    Kind("layer_tokens", "layer_tokens",
+         ("model", "source", "checkpoint", "revision", "dtype", "projector", "lora", "input", "dataset", "n", "ids",
+          "texts", "prompt", "window", "max_tokens", "seed"),
+         "extraction.layers", "similarity, logit_lens, embedding_map", "file"),
 ]}
 
 
