@@ -176,3 +176,17 @@ def test_shipped_expected_files_parse_and_name_real_tables_and_columns(planted):
             assert low <= high and not (math.isinf(low) and math.isinf(high)), check.name
     paper = load_expectations(Path(config_dir()) / "expected" / "paper.yaml").checks
     assert len(paper) > 100 and any(c.name == "ultravox_lexical_retention_pct" for c in paper)
+
+
+def test_each_lens_with_runs_gets_a_section_of_its_scalar_summary(tmp_path):
+    _run(tmp_path, "sim", "similarity", "smol_speech", "synthetic_speech",
+         {"ima_score_all": 0.31, "n_items": 43, "layers": [0, 1], "note": "P first"})
+    _run(tmp_path, "sim_random", "similarity", "smol_speech_random", "synthetic_speech",
+         {"ima_score_all": 0.003, "n_items": 43, "extra": 1.5})
+    out = tmp_path / "report"
+    summary = build(load_runs(str(tmp_path / "sim*")), out)
+    assert "lens_similarity" in summary["tables"] and "lens_skip" not in summary["tables"]
+    header, *lines = (out / "lens_similarity.csv").read_text().splitlines()
+    assert header.split(",") == ["model", "dataset", "seed", "ima_score_all", "n_items", "note", "extra", "source"]
+    assert [line.split(",")[3] for line in lines] == ["0.31", "0.003"]  # lists are left to results.json
+    assert "Cross-modal similarity" in (out / "report.md").read_text()

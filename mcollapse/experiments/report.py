@@ -19,6 +19,7 @@ from rich.table import Table as RichTable
 from mcollapse.errors import UserError
 from mcollapse.report.output import RunRecorder
 from mcollapse.report.paper_figures import mode_alignment_grid, probe_trajectories
+from mcollapse.report.lens_tables import lens_tables
 from mcollapse.report.paper_tables import paper_tables
 from mcollapse.report.runs import RunSet, load_runs
 from mcollapse.report.tables import Table
@@ -43,7 +44,7 @@ def runs_from(cfg) -> RunSet:
 def build(runs: RunSet, out_dir: Path, inline_rows: int = 15) -> dict:
     """Write the tables, figures and report.md into out_dir; returns the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tables = paper_tables(runs)
+    tables = paper_tables(runs) + lens_tables(runs)
     files = {t.name: t.write(out_dir) for t in tables}
     probe_rows = next(t.rows for t in tables if t.name == "table5_probes")  # one row per probe group
     figures = {}
