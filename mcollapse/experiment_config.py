@@ -184,6 +184,33 @@ class CacheSettings:
     dry_run: bool = True  # prune: list what would be deleted; false deletes it
 
 
+@dataclass
+class TransferExperiment(TextSideExperiment):
+    """Probe transfer across (model, input) settings per layer, and the modality probe."""
+
+    labels: list[str] = field(default_factory=lambda: ["lexical", "object_category"])  # those the dataset has
+    other_model: Optional[str] = None  # a model config sharing the LLM width (null: the run's model only)
+    other_overrides: dict = field(default_factory=dict)  # merged into other_model's config (e.g. lora: <dir>)
+    standardize: str = "own"  # own: each setting z-scored by its own training rows | source: the probe's
+    modality_probe: bool = True
+
+
+@dataclass
+class AttributeExperiment(ExperimentConfig):
+    """Perceptual-attribute probes over controlled variants of each item, and steering along them."""
+
+    attributes: Optional[list[str]] = None  # null: all of the dataset's modality
+    factors: dict = field(default_factory=dict)  # attribute -> factor list (default: the module's)
+    ridge: float = 10.0  # ridge penalty on z-scored features
+    train_size: float = 0.8
+    steer: bool = True
+    steer_layer: int = -4  # hidden_states index whose representation is shifted (negative: from the end)
+    steer_positions: str = "modal"  # modal | all
+    alphas: list[float] = field(default_factory=lambda: [-4.0, -2.0, 0.0, 2.0, 4.0])
+    steer_samples: int = 8  # base items (test split) the rating is measured on
+    n_random: int = 1  # random-direction controls
+
+
 EXPERIMENTS = {
     "probe": TextSideExperiment, "extract": TextSideExperiment, "wasserstein": WassersteinExperiment,
     "lipschitz": LipschitzExperiment, "gradproj": GradprojExperiment, "gmi": GmiExperiment,
@@ -191,6 +218,7 @@ EXPERIMENTS = {
     "lora": LoraExperiment, "train_adapter": TrainAdapterExperiment,
     "report": ReportExperiment, "verify": ReportExperiment, "cache": ReportExperiment,
 }
+EXPERIMENTS.update({"transfer": TransferExperiment, "attribute": AttributeExperiment})
 
 
 def register(cs: ConfigStore) -> None:

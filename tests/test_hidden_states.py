@@ -39,6 +39,7 @@ def test_default_hooks_unchanged_and_lists_resolve(qwen):
     default = hook_targets(qwen, _hook_cfg())
     assert [t.name for t in default] == ["encoder_output", "adapter_output", "llm_layer_16", "llm_final"]
     picked = hook_targets(qwen, _hook_cfg(llm_layers=[0, -1, 3]))
-    assert [t.name for t in picked][4:] == ["llm_hs_0", "llm_hs_3", f"llm_hs_{len(layer_indices(qwen.model, 'all')) - 1}"]
+    last = len(layer_indices(qwen.model, "all")) - 1
+    assert [t.name for t in picked][4:] == ["llm_hs_0", "llm_hs_3", f"llm_hs_{last}"]
     with pytest.raises(HookResolutionError):
         layer_indices(qwen.model, [999])

@@ -149,7 +149,8 @@ def transfer_matrix(features: Mapping[str, np.ndarray], labels: Sequence[str | N
     return TransferResult(names, classes, float(np.mean(chances)), acc, cos, converged, n_train, n_test, chances)
 
 
-def modality_features(modal: np.ndarray, text: np.ndarray, ids: Sequence[str]) -> tuple[np.ndarray, list[str], list[str]]:
+def modality_features(modal: np.ndarray, text: np.ndarray,
+                      ids: Sequence[str]) -> tuple[np.ndarray, list[str], list[str]]:
     """Stack modal and text rows of the same items: features, labels (modal | text) and the item
     of each row, so a split by item keeps both rows of an item on one side."""
     if modal.shape != text.shape or len(ids) != len(modal):

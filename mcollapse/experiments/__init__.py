@@ -16,6 +16,7 @@ EXPERIMENTS = {
     for name in ("ablation", "cache", "extract", "gmi", "gradproj", "lipschitz", "lora", "modes", "msswap", "probe",
                  "report", "train_adapter", "verify", "wasserstein")
 }
+EXPERIMENTS.update({name: f"mcollapse.experiments.{name}" for name in ("transfer", "attribute")})
 
 
 def experiment_module(name: str) -> ModuleType:
