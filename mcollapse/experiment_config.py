@@ -9,7 +9,7 @@ all of them: `modes` (the eigenbasis) and `gradients` (the shared per-sample gra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -190,7 +190,7 @@ class TransferExperiment(TextSideExperiment):
 
     labels: list[str] = field(default_factory=lambda: ["lexical", "object_category"])  # those the dataset has
     other_model: Optional[str] = None  # a model config sharing the LLM width (null: the run's model only)
-    other_overrides: dict = field(default_factory=dict)  # merged into other_model's config (e.g. lora: <dir>)
+    other_overrides: Optional[Dict[str, Any]] = None  # merged into other_model's config (e.g. lora: <dir>)
     standardize: str = "own"  # own: each setting z-scored by its own training rows | source: the probe's
     modality_probe: bool = True
 
@@ -200,8 +200,8 @@ class AttributeExperiment(ExperimentConfig):
     """Perceptual-attribute probes over controlled variants of each item, and steering along them."""
 
     attributes: Optional[list[str]] = None  # null: all of the dataset's modality
-    factors: dict = field(default_factory=dict)  # attribute -> factor list (default: the module's)
-    ridge: float = 10.0  # ridge penalty on z-scored features
+    factors: Dict[str, Any] = field(default_factory=dict)  # attribute -> factor list (default: the module's)
+    ridge: float = 10.0  # ridge penalty on centred features in units of their mean variance
     train_size: float = 0.8
     steer: bool = True
     steer_layer: int = -4  # hidden_states index whose representation is shifted (negative: from the end)

@@ -81,3 +81,32 @@ def capture(
     if missing:
         raise RuntimeError(f"hooks did not fire during the forward pass: {sorted(missing)}")
     return store
+
+
+@contextmanager
+def edited(model: nn.Module, target: HookTarget, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Replace the tensor at `target` (a module's output, or its first input for `capture="input"`)
+    with `fn(tensor)` during the forward passes run inside the block."""
+    module = dict(model.named_modules())[target.path]
+
+    if target.capture == "input":
+        def pre_hook(_module, args, kwargs):
+            if args:
+                return (fn(args[0]), *args[1:]), kwargs
+            name = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+            return args, {**kwargs, name: fn(kwargs[name])}
+
+        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        def post_hook(_module, _args, output):
+            if isinstance(output, torch.Tensor):
+                return fn(output)
+            if isinstance(output, tuple):
+                return (fn(output[0]), *output[1:])
+            raise TypeError(f"cannot edit a {type(output).__name__} output")
+
+        handle = module.register_forward_hook(post_hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -54,6 +54,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("projectors", "projectors", ("model", "train/dev data", "training settings"), "experiments.train_adapter",
          "train_adapter (resumes; its checkpoints load as model.projector)", "dir"),
 ]}
+KINDS["variants"] = Kind("variants", "variants", ("dataset", "fingerprint", "ids", "attributes", "version"),
+                         "data.variants", "attribute (controlled media variants of each item)", "dir")
 
 
 def kind(name: str) -> Kind:
