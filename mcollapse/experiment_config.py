@@ -190,7 +190,7 @@ class TransferExperiment(TextSideExperiment):
 
     labels: list[str] = field(default_factory=lambda: ["lexical", "object_category"])  # those the dataset has
     other_model: Optional[str] = None  # a model config sharing the LLM width (null: the run's model only)
-    other_overrides: Optional[Dict[str, Any]] = None  # merged into other_model's config (e.g. lora: <dir>)
+    other_overrides: Dict[str, Any] = field(default_factory=dict)  # merged into other_model's config (e.g. lora: <dir>)
     standardize: str = "own"  # own: each setting z-scored by its own training rows | source: the probe's
     modality_probe: bool = True
 
