@@ -81,6 +81,9 @@ class HookConfig:
     )
     llm_layer: int = 16
     pooling: str = "all"  # all | modality
+    # Every LLM layer in the same forward: null (none), "all", or a list of hidden_states indices
+    # 0..L (0: the LLM input, i: the output of block i-1, L: after the final norm), hooks llm_hs_<i>.
+    llm_layers: Optional[Any] = None
 
 
 @dataclass

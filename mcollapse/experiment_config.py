@@ -9,7 +9,7 @@ all of them: `modes` (the eigenbasis) and `gradients` (the shared per-sample gra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -257,6 +257,33 @@ class EmbeddingMapExperiment(LayerLensExperiment):
     perplexity: float = 30.0  # t-SNE (capped below a third of the points)
 
 
+@dataclass
+class TransferExperiment(TextSideExperiment):
+    """Probe transfer across (model, input) settings per layer, and the modality probe."""
+
+    labels: list[str] = field(default_factory=lambda: ["lexical", "object_category"])  # those the dataset has
+    other_model: Optional[str] = None  # a model config sharing the LLM width (null: the run's model only)
+    other_overrides: Dict[str, Any] = field(default_factory=dict)  # merged into other_model's config (e.g. lora: <dir>)
+    standardize: str = "own"  # own: each setting z-scored by its own training rows | source: the probe's
+    modality_probe: bool = True
+
+
+@dataclass
+class AttributeExperiment(ExperimentConfig):
+    """Perceptual-attribute probes over controlled variants of each item, and steering along them."""
+
+    attributes: Optional[list[str]] = None  # null: all of the dataset's modality
+    factors: Dict[str, Any] = field(default_factory=dict)  # attribute -> factor list (default: the module's)
+    ridge: float = 10.0  # ridge penalty on centred features in units of their mean variance
+    train_size: float = 0.8
+    steer: bool = True
+    steer_layer: int = -4  # hidden_states index whose representation is shifted (negative: from the end)
+    steer_positions: str = "modal"  # modal | all
+    alphas: list[float] = field(default_factory=lambda: [-4.0, -2.0, 0.0, 2.0, 4.0])
+    steer_samples: int = 8  # base items (test split) the rating is measured on
+    n_random: int = 1  # random-direction controls
+
+
 EXPERIMENTS = {
     "probe": TextSideExperiment, "extract": TextSideExperiment, "wasserstein": WassersteinExperiment,
     "lipschitz": LipschitzExperiment, "gradproj": GradprojExperiment, "gmi": GmiExperiment,
@@ -265,7 +292,7 @@ EXPERIMENTS = {
     "report": ReportExperiment, "verify": ReportExperiment, "cache": ReportExperiment,
     "skip": SkipExperiment, "weight_overlap": WeightOverlapExperiment,
     "similarity": SimilarityExperiment, "logit_lens": LogitLensExperiment, "embedding_map": EmbeddingMapExperiment,
-    "shift": ShiftExperiment,
+    "shift": ShiftExperiment, "transfer": TransferExperiment, "attribute": AttributeExperiment,
 }
 
 

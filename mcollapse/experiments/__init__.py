@@ -14,9 +14,9 @@ from mcollapse.errors import UserError
 EXPERIMENTS = {
     name: f"mcollapse.experiments.{name}"
     for name in ("ablation", "cache", "extract", "gmi", "gradproj", "lipschitz", "lora", "modes", "msswap", "probe",
-                 "report", "shift", "skip", "train_adapter", "verify", "wasserstein", "weight_overlap")
+                 "report", "shift", "skip", "train_adapter", "verify", "wasserstein", "weight_overlap", "similarity",
+                 "logit_lens", "embedding_map", "transfer", "attribute")
 }
-EXPERIMENTS.update({name: f"mcollapse.experiments.{name}" for name in ("similarity", "logit_lens", "embedding_map")})
 
 
 def experiment_module(name: str) -> ModuleType:

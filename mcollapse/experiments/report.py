@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.table import Table as RichTable
 
 from mcollapse.errors import UserError
+from mcollapse.report.lens_tables import lens_tables
 from mcollapse.report.output import RunRecorder
 from mcollapse.report.paper_figures import mode_alignment_grid, probe_trajectories
-from mcollapse.report.lens_tables import lens_tables
 from mcollapse.report.paper_tables import paper_tables
 from mcollapse.report.runs import RunSet, load_runs
 from mcollapse.report.tables import Table

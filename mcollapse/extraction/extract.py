@@ -23,7 +23,7 @@ from mcollapse.extraction.cache import Activations, ActivationStore
 from mcollapse.extraction.hooks import capture
 from mcollapse.extraction.pooling import masked_mean
 from mcollapse.models.base import LLM_ROLES, Batch, ModelFamily
-from mcollapse.models.roles import HookTarget, resolve_hooks
+from mcollapse.models.roles import HookTarget, resolve_hidden_states, resolve_hooks
 from mcollapse.progress import progress_bar
 from mcollapse.store import ids_digest, texts_digest
 
@@ -189,10 +189,14 @@ def longer_than(records: list[Record], seconds: float | None) -> list[str]:
 
 def hook_targets(family: ModelFamily, hook_cfg, roles=None) -> list[HookTarget]:
     wanted = [r for r in (roles or hook_cfg.roles) if r in family.roles]
-    return resolve_hooks(
+    targets = resolve_hooks(
         family.model, wanted, int(hook_cfg.llm_layer), dict(family.cfg.hook_paths or {}),
         family.adapter_module_names(),
     )
+    layers = getattr(hook_cfg, "llm_layers", None)
+    if layers is not None:  # every requested layer, in the same forward; absent: the keys stay as they were
+        targets += resolve_hidden_states(family.model, layers)
+    return targets
 
 
 def text_roles(hook_cfg) -> list[str]:

@@ -101,3 +101,26 @@ def edited(hooks: Iterable[tuple[nn.Module, str, Callable]]):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def replaced_at(model: nn.Module, target: HookTarget, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Replace the tensor at `target` (a module's output, or its first input for `capture="input"`)
+    with `fn(tensor)` during the forward passes run inside the block (through `edited`)."""
+    module = dict(model.named_modules())[target.path]
+
+    def pre_hook(_module, args, kwargs):
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        name = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+        return args, {**kwargs, name: fn(kwargs[name])}
+
+    def post_hook(_module, _args, _kwargs, output):
+        if isinstance(output, torch.Tensor):
+            return fn(output)
+        if isinstance(output, tuple):
+            return (fn(output[0]), *output[1:])
+        raise TypeError(f"cannot edit a {type(output).__name__} output")
+
+    with edited([(module, "pre", pre_hook) if target.capture == "input" else (module, "post", post_hook)]):
+        yield

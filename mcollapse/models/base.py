@@ -19,7 +19,7 @@ from mcollapse.data.base import Sample
 from mcollapse.errors import UserError
 
 ROLES = ("encoder_output", "adapter_output", "llm_layer", "llm_final")
-LLM_ROLES = ("llm_layer", "llm_final")
+LLM_ROLES = ("llm_layer", "llm_final", "llm_hidden")  # llm_hidden: the per-layer hooks of hook.llm_layers
 
 
 @dataclass

@@ -174,3 +174,47 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
             if isinstance(module, nn.Linear):
                 found[name.removesuffix("_proj")] = module
     return found
+
+
+def hidden_state_name(index: int) -> str:
+    """The hook name of `hidden_states[index]` (0: the LLM input)."""
+    return f"llm_hs_{index}"
+
+
+def n_hidden_states(model: nn.Module) -> int:
+    """L + 1: the LLM input, then one per block (the last after the final norm, as transformers)."""
+    return len(find_text_backbone(model).layers) + 1
+
+
+def layer_indices(model: nn.Module, wanted) -> list[int]:
+    """`wanted` ("all" or a list of hidden_states indices, negative from the end) as sorted indices."""
+    total = n_hidden_states(model)
+    if isinstance(wanted, str):
+        if wanted != "all":
+            raise HookResolutionError(f"hook.llm_layers '{wanted}' is not 'all' or a list of indices")
+        return list(range(total))
+    indices = []
+    for value in wanted:
+        index = int(value) if int(value) >= 0 else total + int(value)
+        if not 0 <= index < total:
+            raise HookResolutionError(f"hook.llm_layers index {value} is out of range 0..{total - 1}")
+        indices.append(index)
+    return sorted(set(indices))
+
+
+def resolve_hidden_states(model: nn.Module, wanted) -> list[HookTarget]:
+    """A target per `hidden_states` index, read by the hooks of one forward pass: index 0 is the
+    first block's input (the LLM input embeddings, media already spliced in), index i the output of
+    block i-1, and the last index the final norm's output, which is what transformers returns there."""
+    backbone = find_text_backbone(model)
+    n_blocks = len(backbone.layers)
+    targets = []
+    for index in layer_indices(model, wanted):
+        if index == 0:
+            path, capture = _path_of(model, backbone.layers[0]), "input"
+        elif index == n_blocks:
+            path, capture = _path_of(model, backbone.norm), "output"
+        else:
+            path, capture = _path_of(model, backbone.layers[index - 1]), "output"
+        targets.append(HookTarget("llm_hidden", hidden_state_name(index), path, capture))
+    return targets

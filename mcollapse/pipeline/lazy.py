@@ -76,6 +76,9 @@ def config_fields(model_cfg, hook_cfg, device: str, cache_dir: Path) -> dict | N
         "dtype": str(resolve_dtype(model_cfg.dtype, resolve_device(device))),
         "versions": {"format": FORMAT_VERSION, "torch": torch.__version__, "transformers": transformers.__version__},
     }
+    layers = getattr(hook_cfg, "llm_layers", None)
+    if layers is not None:  # only when set, so the keys of the default hooks stay as they were
+        fields["hook"]["llm_layers"] = layers if isinstance(layers, str) else [int(v) for v in layers]
     if model_cfg.build:
         fields["build"] = build_fingerprint(model_cfg, Path(cache_dir))
         if fields["build"] is None:

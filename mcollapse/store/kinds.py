@@ -60,6 +60,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
           "texts", "prompt", "window", "max_tokens", "seed"),
          "extraction.layers", "similarity, logit_lens, embedding_map", "file"),
 ]}
+KINDS["variants"] = Kind("variants", "variants", ("dataset", "fingerprint", "ids", "attributes", "version"),
+                         "data.variants", "attribute (controlled media variants of each item)", "dir")
 
 
 def kind(name: str) -> Kind:
