@@ -162,3 +162,10 @@ def test_organism_grid_measures_each_organism_beside_its_random_twin():
     assert by_experiment["lora"] == {"smol_speech"}
     assert {job["dataset"] for job in jobs if job["experiment"] == "gmi" and "speech" in job["model"]} == \
         {"synthetic_librispeech"}
+
+
+def test_lenses_grid_runs_every_lens_and_composes():
+    jobs = [job for _, stage in _plan("lenses", validate=True) for job in stage]
+    lenses = {"similarity", "logit_lens", "embedding_map", "skip", "weight_overlap", "transfer", "attribute", "shift"}
+    assert {job["experiment"] for job in jobs} == lenses
+    assert any("compare" in key for job in jobs for key in job)  # trained and random IMA in one figure
