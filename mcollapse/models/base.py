@@ -20,6 +20,7 @@ from mcollapse.errors import UserError
 
 ROLES = ("encoder_output", "adapter_output", "llm_layer", "llm_final")
 LLM_ROLES = ("llm_layer", "llm_final", "llm_hidden")  # llm_hidden: the per-layer hooks of hook.llm_layers
+TEXT_MODEL_ROLES = ("llm_layer", "llm_final")  # the roles a text-only model resolves (llm_hidden comes from llm_layers)
 
 
 @dataclass
@@ -119,7 +120,7 @@ class ModelFamily(ABC):
 
     @property
     def roles(self) -> tuple[str, ...]:
-        return ROLES if self.modality != "text" else LLM_ROLES
+        return ROLES if self.modality != "text" else TEXT_MODEL_ROLES
 
 
 class ChatFamily(ModelFamily):
