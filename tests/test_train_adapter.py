@@ -166,3 +166,17 @@ def test_a_missing_projector_file_is_one_line(tmp_path, env):
 def test_unknown_split_is_refused(tmp_path, env):
     outcome = run_experiment([*FAST, "experiment.dev_split=valid"], tmp_path, env, check=False)
     assert outcome.exit_code == 2 and "no split 'valid'" in outcome.error
+
+
+def test_a_run_stopped_by_its_time_budget_goes_on_under_a_larger_one(tmp_path, env):
+    cache = tmp_path / "cache"
+    shutil.copytree(env["MCOLLAPSE_CACHE"], cache, ignore=shutil.ignore_patterns("projectors"), symlinks=True)
+    own_env = {**env, "MCOLLAPSE_CACHE": str(cache)}
+    outcomes = []
+    for name, budget in (("a", "0.0001"), ("b", "null")):
+        (tmp_path / name).mkdir()
+        run_experiment([*FAST, f"experiment.max_minutes={budget}"], tmp_path / name, own_env)
+        run = only_run_dir(tmp_path / name / "outputs" / "train_adapter" / "tiny_qwen2audio" / "synthetic_librispeech")
+        outcomes.append(json.loads((run / "results.json").read_text())["summary"])
+    assert outcomes[0]["stop_reason"] == "time_budget" and outcomes[0]["steps"] < 6
+    assert outcomes[1]["stop_reason"] == "max_steps" and outcomes[1]["resumed_at_step"] == outcomes[0]["steps"]

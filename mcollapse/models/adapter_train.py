@@ -169,6 +169,8 @@ class ProjectorTrainer:
 
     def fit(self, train: list[Example], dev: list[Example], max_minutes: float | None = None) -> Outcome:
         outcome = self._resume()
+        if outcome.stop_reason == "time_budget" and (max_minutes is None or outcome.seconds < 60 * max_minutes):
+            outcome.stop_reason = ""  # a larger budget goes on from where the smaller one stopped
         if outcome.stop_reason:
             log.info("projector training found finished in %s (%s)", self.state_dir, outcome.stop_reason)
             return outcome
