@@ -23,7 +23,7 @@ MAX_BYTES = 5 * 1024 * 1024
 
 
 def test_the_speech_and_vision_organisms_are_shipped():
-    assert "smol_speech" in SHIPPED
+    assert {"smol_speech", "smol_vision"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
