@@ -47,8 +47,8 @@ def tree_digest(root):
 
 @pytest.fixture(scope="module")
 def small_set(tmp_path_factory):
-    if shutil.which("espeak-ng") is None or not synthetic_librispeech.FORTUNES_DIR.is_dir():
-        pytest.skip("espeak-ng or fortunes not installed")
+    assert shutil.which("espeak-ng") and synthetic_librispeech.FORTUNES_DIR.is_dir(), \
+        "install espeak-ng and fortunes (the README's set-up commands do)"
     root = tmp_path_factory.mktemp("first") / "synthetic_librispeech"
     generate("synthetic_librispeech", root, SMALL)
     return root

