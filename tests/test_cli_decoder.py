@@ -95,6 +95,7 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
     assert s["L_log_pooled"] > 0 and math.isfinite(s["theorem2_log_rhs_pooled_D_eff"]) and "log_abs_gap" in s
     assert "accessibility_gap_modal" in s and "accessibility_gap_skipped" not in s  # probe_label=transcript
     assert results["counts"]["gradients_batches_from_cache"] == results["counts"]["gradients_batches"]  # lipschitz's
+    assert results["counts"]["scores_modal_batches"] > 0 == results["counts"]["scores_modal_batches_from_cache"]
     scores = np.load(run / "gmi_scores.npz")
     assert scores["modal"].shape == (s["n_samples"], 6)
     assert (scores["candidates"][:, 0] == np.arange(s["n_samples"])).all()

@@ -232,3 +232,53 @@ def test_accessibility_gap_only_when_probe_and_gmi_concern_the_same_variable():
     assert gaps == {"modal": 1.5, "text": 1.0} and reason is None
     gaps, reason = accessibility_gaps("speaker", info, gmis)
     assert gaps == {} and "speaker" in reason and "transcript" in reason
+
+
+class _Recorder:
+    """What a sharded pass asks of its run recorder: counts and timed stages."""
+
+    def __init__(self):
+        self.counts = {}
+
+    def stage(self, name):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+class _RefusingDecoder:
+    def answer_scores(self, z, answers):
+        raise AssertionError("a cached score was recomputed")
+
+
+def test_cached_candidate_scores_resume_and_are_read_back(tmp_path):
+    from types import SimpleNamespace
+
+    from mcollapse.experiments.gmi import alternatives
+    from mcollapse.pipeline.decoder_side import cached_candidate_scores
+
+    n = 11
+    zs = [np.full((1 + j % 3, 2), float(j)) for j in range(n)]
+    answers = [[i] for i in range(n)]
+    candidates = np.concatenate([np.arange(n)[:, None], alternatives(n, 4, seed=2)], axis=1)
+    expected = 1000.0 * np.arange(n)[:, None] + candidates
+    inputs = SimpleNamespace(decoder=_EncodingDecoder(), decoder_key="k", family=SimpleNamespace(dtype="float32"),
+                             cache_dir=tmp_path)
+    key = {"input": "modal", "ids": "x"}
+    first = cached_candidate_scores(inputs, _Recorder(), zs, answers, candidates, "scores_modal", key, group=3)
+    np.testing.assert_array_equal(first, expected)
+
+    shards = sorted((tmp_path / "gmi_scores").rglob("batch-*.npz"))
+    assert len(shards) == 4  # 11 representations, 3 a shard
+    shards[1].unlink()  # an interrupted pass: one shard missing
+    rec = _Recorder()
+    again = cached_candidate_scores(inputs, rec, zs, answers, candidates, "scores_modal", key, group=3)
+    np.testing.assert_array_equal(again, expected)
+    assert rec.counts["scores_modal_batches_from_cache"] == 3
+
+    inputs.decoder = _RefusingDecoder()
+    np.testing.assert_array_equal(
+        cached_candidate_scores(inputs, _Recorder(), zs, answers, candidates, "scores_modal", key, group=3), expected)
+    with pytest.raises(AssertionError, match="recomputed"):  # another candidate draw is another pass
+        cached_candidate_scores(inputs, _Recorder(), zs, answers, candidates[:, [0, 2, 1, 3, 4]], "scores_modal",
+                                key, group=3)

@@ -29,7 +29,8 @@ from mcollapse.data.labels import derive_labels
 from mcollapse.errors import UserError
 from mcollapse.experiments.probe import settings_from
 from mcollapse.pipeline.decoder_side import (
-    candidate_scores,
+    answers_key,
+    cached_candidate_scores,
     decoder_inputs,
     gradient_batch_size,
     gradients,
@@ -38,6 +39,7 @@ from mcollapse.pipeline.decoder_side import (
 )
 from mcollapse.pipeline.inputs import recorder, selected_records
 from mcollapse.report.decoder_figures import gmi_figure, print_metrics
+from mcollapse.store import ids_digest
 
 
 def alternatives(n: int, m: int, seed: int) -> np.ndarray:
@@ -107,8 +109,8 @@ def run(cfg, run_dir: Path) -> dict:
 
     results, scores = {}, {}
     for kind, zs in (("modal", modal_z), ("text", text_z)):
-        with rec.stage(f"scores_{kind}"):
-            flat = candidate_scores(inputs.decoder, zs, answers, candidates, f"GMI scores ({kind})")
+        flat = cached_candidate_scores(inputs, rec, zs, answers, candidates, f"scores_{kind}",
+                                       {"input": kind, "ids": ids_digest(ids), **answers_key(inputs, ids, cfg.target)})
         scores[kind] = flat
         results[kind] = gmi_from_scores(flat[:, 0], flat[:, 1:], estimator=exp.estimator, s=exp.s,
                                         n_boot=exp.n_boot, seed=cfg.seed)

@@ -252,6 +252,7 @@ def eigenbasis_for(cfg, inputs: DecoderInputs, rec: RunRecorder):
 
 
 GRADIENT_SHARDS_VERSION = 2  # 2: shards hold shift_norms; older shards lack them and are not reused
+GMI_SCORES_VERSION = 1  # bump when what a gmi_scores shard holds changes meaning
 
 
 @dataclass
@@ -361,26 +362,67 @@ def secant_scores(inputs: DecoderInputs, ids: list[str], neighbours: np.ndarray,
 
 
 
-def candidate_scores(decoder: Decoder, zs: list[np.ndarray], answers: list[list[int]],
-                     candidates: np.ndarray, label: str, chunk: int = 64) -> np.ndarray:
-    """S[i, c] = log q(y_i | z_{candidates[i, c]}, prompt), target=content summed over tokens.
-
-    Grouped by representation: each z_j runs through the prompt once and its key/value cache
-    scores every answer paired with it (Decoder.answer_scores)."""
-    out = np.full(candidates.shape, np.nan)
+def _pairs_by_representation(candidates: np.ndarray) -> dict[int, list[tuple[int, int]]]:
+    """For each z_j, the (sample i, column c) cells of `candidates` that pair y_i with it, in row order."""
     pairs_of: dict[int, list[tuple[int, int]]] = {}
     for i, row in enumerate(candidates):
         for c, j in enumerate(row):
             pairs_of.setdefault(int(j), []).append((i, c))
-    with progress_bar(label, total=len(pairs_of)) as advance, torch.no_grad():
+    return pairs_of
+
+
+def _representation_scores(decoder: Decoder, z: np.ndarray, answers: list[list[int]], chunk: int) -> np.ndarray:
+    """log q(answer | z, prompt) for each answer: z runs through the prompt once and its key/value
+    cache scores every answer (Decoder.answer_scores), `chunk` answers at a time."""
+    z_t = torch.as_tensor(z, dtype=torch.float32)
+    with torch.no_grad():
+        return np.concatenate([decoder.answer_scores(z_t, answers[s : s + chunk]).double().cpu().numpy()
+                               for s in range(0, len(answers), chunk)])
+
+
+def candidate_scores(decoder: Decoder, zs: list[np.ndarray], answers: list[list[int]],
+                     candidates: np.ndarray, label: str, chunk: int = 64) -> np.ndarray:
+    """S[i, c] = log q(y_i | z_{candidates[i, c]}, prompt), target=content summed over tokens,
+    grouped by representation (each z_j's prompt pass serves every answer paired with it)."""
+    out = np.full(candidates.shape, np.nan)
+    pairs_of = _pairs_by_representation(candidates)
+    with progress_bar(label, total=len(pairs_of)) as advance:
         for j, pairs in pairs_of.items():
-            z = torch.as_tensor(zs[j], dtype=torch.float32)
-            for start in range(0, len(pairs), chunk):
-                part = pairs[start : start + chunk]
-                values = decoder.answer_scores(z, [answers[i] for i, _ in part]).double().cpu().numpy()
-                for (i, c), value in zip(part, values):
-                    out[i, c] = value
+            out[tuple(np.array(pairs).T)] = _representation_scores(decoder, zs[j], [answers[i] for i, _ in pairs],
+                                                                   chunk)
             advance(1)
+    return out
+
+
+def cached_candidate_scores(inputs: DecoderInputs, rec: RunRecorder, zs: list[np.ndarray], answers: list[list[int]],
+                            candidates: np.ndarray, label: str, key_fields: dict, group: int = 8,
+                            chunk: int = 64) -> np.ndarray:
+    """candidate_scores as a resumable sharded pass (store kind gmi_scores): `group` representations
+    a shard, so an interrupted run continues and a re-run with the same key reads every score back.
+    `key_fields` name what the z's and answers are (input kind, sample ids, their texts)."""
+    pairs_of = _pairs_by_representation(candidates)
+    order = sorted(pairs_of)
+    width = max(len(p) for p in pairs_of.values())
+    fields = {"kind": "gmi_scores", "version": GMI_SCORES_VERSION, "sequences": inputs.decoder_key,
+              "candidates": ids_digest([",".join(map(str, row)) for row in candidates]),
+              "dtype": str(inputs.family.dtype), **key_fields}
+
+    def compute(rows):
+        block = np.full((len(rows), width), np.nan)
+        for r, j in enumerate(rows):
+            pairs = pairs_of[order[j]]
+            block[r, : len(pairs)] = _representation_scores(inputs.decoder, zs[order[j]],
+                                                            [answers[i] for i, _ in pairs], chunk)
+        return {"scores": block}
+
+    batches = [np.arange(s, min(s + group, len(order))) for s in range(0, len(order), group)]
+    gather = sharded_pass(rec, entry(inputs.cache_dir, "gmi_scores", fields).path, batches, label, compute,
+                          inputs.cache_dir, fields)
+    by_representation = gather("scores")
+    out = np.full(candidates.shape, np.nan)
+    for r, j in enumerate(order):
+        for k, cell in enumerate(pairs_of[j]):
+            out[cell] = by_representation[r, k]
     return out
 
 

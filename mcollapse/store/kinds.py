@@ -38,6 +38,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
          "experiments.ablation (pipeline.mode_edits)", "ablation", "dir"),
     Kind("msswap", "msswap", ("sequences", "ids", "basis", "target", "batch_size"),
          "experiments.msswap (pipeline.mode_edits)", "msswap", "dir"),
+    Kind("gmi_scores", "gmi_scores", ("version", "sequences", "input", "ids", "candidates", "texts", "dtype"),
+         "experiments.gmi (pipeline.decoder_side.cached_candidate_scores)", "gmi (a re-run or resumed run)", "dir"),
     Kind("lipschitz_summary", "summaries/lipschitz", ("model", "dataset", "fingerprint", "target", "reduction"),
          "lipschitz", "wasserstein (W1 x L), gmi (the bound)", "file"),
     Kind("lora", "lora", ("model", "dataset", "training settings"), "lora", "lora", "dir"),
