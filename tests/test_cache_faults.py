@@ -155,8 +155,8 @@ def test_ctrl_c_ends_in_one_line_and_the_rerun_resumes(tmp_path, env, cache_dir)
     ensure_tiny_checkpoint("tiny_qwen2audio", cache_dir)
     (tmp_path / "cache").mkdir()
     os.symlink(cache_dir / "models", tmp_path / "cache" / "models")
-    # one sample a batch and a shard a batch: 48 fsynced shards keep the run busy long after the first
-    # one appears, so the interrupt lands mid-extraction even on a fast or busy machine
+    # one sample a batch and a shard a batch: 48 fsynced shards keep the run busy for about a second
+    # after the first one appears (2 cores), so the interrupt lands mid-extraction
     args = ["experiment=extract", *SMALL, "experiment.text.source=none", "model.batch_size=1", "flush_every=1"]
     proc = subprocess.Popen([sys.executable, "-m", "mcollapse", *args], cwd=tmp_path, env=user,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
