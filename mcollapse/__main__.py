@@ -1,3 +1,3 @@
-from mcollapse.cli import main
+from mcollapse.launch import main
 
 main()

@@ -23,6 +23,8 @@ from omegaconf import DictConfig
 from mcollapse.config import register, validate
 from mcollapse.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from mcollapse.experiments import experiment_module
+from mcollapse.interrupt import install as route_ctrl_c
+from mcollapse.interrupt import requested as ctrl_c_requested
 from mcollapse.report.runs import FAILED
 from mcollapse.runtime import release_memory, seed_everything, set_threads
 
@@ -111,18 +113,25 @@ def _app(cfg: DictConfig) -> None:
         release_memory()
 
 
+def _exit_interrupted() -> None:
+    where = f" in {_cache_dir}" if _cache_dir else ""
+    print(f"mcollapse: interrupted; every finished cache entry, shard and batch is saved{where}, "
+          "and re-running the same command resumes from them", file=sys.stderr, flush=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
 def main() -> None:
+    route_ctrl_c()  # already done by mcollapse.launch before the heavy imports; here for direct callers
     try:
         _app()
     except KeyboardInterrupt:
-        where = f" in {_cache_dir}" if _cache_dir else ""
-        print(f"mcollapse: interrupted; every finished cache entry, shard and batch is saved{where}, "
-              "and re-running the same command resumes from them", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        _exit_interrupted()
     except SystemExit as exit_:
         if exit_.code == EXIT_FAILED and not _job_started:  # Hydra printed why the config did not compose
             sys.exit(EXIT_USER_ERROR)
         raise
+    if ctrl_c_requested():  # pressed after the last safe point: the work finished, the exit says it was asked to stop
+        _exit_interrupted()
     if _failed_jobs:
         print(f"mcollapse: {len(_failed_jobs)} sweep job(s) failed:", file=sys.stderr)
         for line in _failed_jobs:

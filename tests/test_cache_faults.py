@@ -158,8 +158,11 @@ def test_ctrl_c_ends_in_one_line_and_the_rerun_resumes(tmp_path, env, cache_dir)
     # one sample a batch and a shard a batch: 48 fsynced shards keep the run busy for about a second
     # after the first one appears (2 cores), so the interrupt lands mid-extraction
     args = ["experiment=extract", *SMALL, "experiment.text.source=none", "model.batch_size=1", "flush_every=1"]
+    # SIGINT back to its default in the child: a suite launched as a shell's background job (`… &`,
+    # nohup from a script) starts with SIGINT ignored, and the child would inherit that
     proc = subprocess.Popen([sys.executable, "-m", "mcollapse", *args], cwd=tmp_path, env=user,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and not list((tmp_path / "cache").glob("activations/*/shards/shard-*.h5")):
         time.sleep(0.005)

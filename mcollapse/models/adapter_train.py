@@ -194,7 +194,6 @@ class ProjectorTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 outcome.step += 1
                 window.append((float(loss.detach()) * n, n, hits))
-                advance(1)
                 if outcome.step % settings.checkpoint_every == 0 or outcome.step == settings.max_steps:
                     save_projector(self.projector, self.state_dir / CHECKPOINTS_DIR / f"step-{outcome.step:06d}"
                                    / WEIGHTS_FILE)
@@ -206,6 +205,7 @@ class ProjectorTrainer:
                     window = []
                     if outcome.stop_reason:
                         break
+                advance(1)  # a Ctrl-C stops here; the re-run resumes at the last evaluation's saved state
         self.projector.eval()
         return outcome
 
