@@ -135,6 +135,7 @@ class RunConfig:
     target: Any = None
     modes: Any = None
     gradients: Any = None
+    stats: Any = None
     lora: Any = None  # experiment=lora only
     experiment: Any = None
     report: Optional[experiment_config.ReportSettings] = None  # experiment=report and experiment=verify
@@ -162,7 +163,8 @@ def register() -> None:
 
 # Experiment fields checked wherever an experiment has them (the schemas guarantee their types).
 _EXPERIMENT_COUNTS = ("n_alternatives", "n_boot", "n_random", "n_draws", "histogram_bins", "pca_dims",
-                      "max_points", "n_projections", "max_new_tokens")
+                      "max_points", "n_projections", "max_new_tokens", "n_matched", "n_dose", "optimal_steps",
+                      "optimal_batch")
 _EXPERIMENT_OPTIONAL_COUNTS = ("n_samples", "lipschitz_samples",  # null: every scorable sample
                                "batch_size", "eval_batch_size", "rows_per_forward")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")

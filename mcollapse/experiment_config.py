@@ -27,6 +27,15 @@ class ModesConfig:
 
 
 @dataclass
+class StatsConfig:
+    """How intervals respect the data's groups: cluster bootstrap over these record fields."""
+
+    name: str = "default"
+    cluster_by: list[str] = field(default_factory=lambda: ["speaker_id", "sentence"])
+    n_boot: int = 2000
+
+
+@dataclass
 class GradientsConfig:
     """The per-sample gradient pass that lipschitz and gradproj share (and gmi when its
     lipschitz_samples equals n_samples): the same samples, batched alike, give one cached pass."""
@@ -99,11 +108,24 @@ class GmiExperiment(ScoredExperiment):
 
 @dataclass
 class AblationExperiment(ScoredExperiment):
+    """Edits along mode subspaces with references and controls (experiments.ablation)."""
+
     rows_per_forward: Optional[int] = None  # null: 4 x batch size
     basis: Optional[str] = None  # an eigenbasis.npz to use instead of the shared one
-    n_random: int = 10
+    n_random: int = 10  # count-matched random_k draws
     ms_k: list[int] = field(default_factory=list)
-    variants: list[str] = field(default_factory=lambda: ["centred", "uncentred"])
+    variants: list[str] = field(default_factory=lambda: ["resample", "position_mean", "optimal", "centred",
+                                                          "uncentred"])
+    n_draws: int = 3  # partner draws for resample and swap
+    n_matched: int = 8  # dose-matched random subspaces per treatment
+    control_variants: list[str] = field(default_factory=lambda: ["resample", "centred"])
+    n_dose: int = 24  # random mode subsets tracing the dose-response curve
+    dose_variants: list[str] = field(default_factory=lambda: ["resample", "centred"])
+    dose: str = "token"  # token | pooled: the variance share matched and plotted
+    dose_tolerance: float = 0.02  # relative: a matched control's dose within 2 % of the treatment's
+    optimal_steps: int = 100
+    optimal_batch: int = 8
+    optimal_lr: float = 0.05
 
 
 @dataclass
@@ -301,3 +323,4 @@ def register(cs: ConfigStore) -> None:
         cs.store(group="experiment", name=f"base_{name}", node=schema, package="experiment")
     cs.store(group="modes", name="base_modes", node=ModesConfig)
     cs.store(group="gradients", name="base_gradients", node=GradientsConfig)
+    cs.store(group="stats", name="base_stats", node=StatsConfig)

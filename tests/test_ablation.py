@@ -7,7 +7,16 @@ import pytest
 import torch
 from scipy import stats
 
-from mcollapse.analysis.ablation import conditions, empty_controls, project_out, summarise, variance_share
+from mcollapse.analysis.ablation import (
+    conditions,
+    empty_controls,
+    loss_table,
+    prepare,
+    project_out,
+    summarise,
+    variance_share,
+)
+from mcollapse.analysis.interventions import aligned
 
 
 def _orthonormal(d: int, seed: int = 0) -> torch.Tensor:
@@ -38,20 +47,25 @@ def test_loss_changes_only_through_the_subspace_it_reads():
     assert torch.equal(project_out(z, basis[:0], mean), z)
 
 
-def test_conditions_pick_ms_matched_ta_random_and_the_k_sweep():
+def test_conditions_pick_ms_count_matched_ta_random_and_the_k_sweep():
     lam = np.array([9.0, 7.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.5])
     is_ms = np.array([True, False, True, False, False, True, False, False])
     conds = conditions(is_ms, lam, n_random=4, seed=10, ms_k=[1, 2, 5])
     by_name = {c.label: c for c in conds}
     assert by_name["ms_all"].modes == (0, 2, 5)
-    assert by_name["ta_matched"].modes == (1, 3, 4)  # the three TA modes of largest variance
-    randoms = [c for c in conds if c.name == "random"]
+    assert "ms_top" not in by_name  # k = min(3 MS, 5 TA) = 3: the top-3 MS modes are all of them
+    assert by_name["ta_top"].modes == (1, 3, 4)  # the three TA modes of largest variance
+    randoms = [c for c in conds if c.name == "random_k"]
     assert [c.seed for c in randoms] == [10, 11, 12, 13] and all(len(c.modes) == 3 for c in randoms)
     assert len({c.modes for c in randoms}) > 1 and all(len(set(c.modes)) == 3 for c in randoms)
     assert by_name["ms_top1"].modes == (0,) and by_name["ms_top2"].modes == (0, 2) and "ms_top5" not in by_name
     assert conditions(is_ms, lam, n_random=4, seed=10) == [c for c in conds if c.name != "ms_k"]  # seeded
     assert conditions(np.zeros(8, dtype=bool), lam) == []
     assert variance_share(lam, (0, 2, 5)) == pytest.approx(16.0 / lam.sum())
+    many_ms = conditions(~is_ms, lam, n_random=1, seed=0)  # 5 MS, 3 TA: k = 3 both ways
+    by_many = {c.label: c for c in many_ms}
+    assert by_many["ms_top"].modes == (1, 3, 4) and by_many["ta_top"].modes == (0, 2, 5)
+    assert len(by_many["random_k_seed0"].modes) == 3
 
 
 def test_summary_is_scipys_paired_t_test():
@@ -68,10 +82,10 @@ def test_summary_is_scipys_paired_t_test():
 def test_each_random_draw_is_reproducible_from_its_seed_label():
     lam = np.linspace(10.0, 1.0, 12)
     is_ms = np.array([True, False] * 6)
-    draws = [c for c in conditions(is_ms, lam, n_random=5, seed=7) if c.name == "random"]
+    draws = [c for c in conditions(is_ms, lam, n_random=5, seed=7) if c.name == "random_k"]
     assert [c.seed for c in draws] == [7, 8, 9, 10, 11]
     for draw in draws:
-        alone = [c for c in conditions(is_ms, lam, n_random=1, seed=draw.seed) if c.name == "random"]
+        alone = [c for c in conditions(is_ms, lam, n_random=1, seed=draw.seed) if c.name == "random_k"]
         assert alone[0].modes == draw.modes  # draw r alone, from its label seed + r
         expected = np.random.default_rng(draw.seed).choice(lam.size, size=6, replace=False)
         assert draw.modes == tuple(sorted(int(i) for i in expected))
@@ -80,20 +94,18 @@ def test_each_random_draw_is_reproducible_from_its_seed_label():
 def test_empty_controls_are_named():
     lam = np.array([5.0, 4.0, 3.0, 2.0])
     assert empty_controls(np.array([True, False, True, False]), n_random=2) == []
-    assert empty_controls(np.ones(4, dtype=bool), n_random=2) == ["ta_matched"]  # every mode MS: no TA control
-    assert empty_controls(np.zeros(4, dtype=bool), n_random=2) == ["ms_all", "ta_matched", "random"]
-    assert empty_controls(np.ones(4, dtype=bool), n_random=0) == ["ta_matched"]  # no draws asked: not empty
+    assert empty_controls(np.ones(4, dtype=bool), n_random=2) == ["ta_top", "random_k"]  # every mode MS: k = 0
+    assert empty_controls(np.zeros(4, dtype=bool), n_random=2) == ["ms_all", "ta_top", "random_k"]
+    assert empty_controls(np.ones(4, dtype=bool), n_random=0) == ["ta_top"]  # no draws asked: not empty
     built = {c.name for c in conditions(np.ones(4, dtype=bool), lam, n_random=2)}
-    assert "ta_matched" not in built and {"ms_all", "random"} <= built
+    assert built == {"ms_all"}
 
 
-def test_experiment_wiring_gives_the_hand_computed_loss_changes():
-    """The ablation experiment's loss table and summaries on a toy decoder whose loss reads modes
-    {0, 1, 4} of the basis: -score(z) = sum_t sum_{k read} <u_k, z_t>^2. Ablating a set S then
-    changes a sample's loss by -sum_t sum_{k in S read} <u_k, z_t>^2 (uncentred) or by
-    sum_t sum_{k in S read} (<u_k, m>^2 - <u_k, z_t>^2) (centred: the mean's component stays)."""
-    from mcollapse.experiments.ablation import condition_columns, condition_losses, condition_summaries
-
+def test_loss_table_scores_every_column_in_chunks_with_the_hand_computed_edits():
+    """The loss table on a toy decoder whose loss reads modes {0, 1, 4}: -score(z) = sum_t sum_{k read}
+    <u_k, z_t>^2. Centred ablation of a set S changes a sample's loss by
+    sum_t sum_{k in S read} (<u_k, m>^2 - <u_k, z_t>^2), uncentred by -sum_t sum_{k in S read} <u_k, z_t>^2,
+    and chunks never exceed per_forward."""
     d, n_modes, read = 10, 8, [0, 1, 4]
     rng = np.random.default_rng(4)
     vectors = _orthonormal(d, seed=5).numpy()[:n_modes]
@@ -101,43 +113,37 @@ def test_experiment_wiring_gives_the_hand_computed_loss_changes():
     lam = np.linspace(8.0, 1.0, n_modes)
     is_ms = np.array([True, False, False, True, True, False, False, False])  # MS {0, 3, 4}; TA by variance {1, 2, 5}
     arrays = [(rng.normal(size=(T, d)) + mean).astype(np.float32) for T in (3, 5, 2, 4, 6)]
-    conds = conditions(is_ms, lam, n_random=3, seed=11)
-    columns = condition_columns(["centred", "uncentred"], conds)
+    conds, plan, context = prepare(arrays, vectors, lam, mean, float(lam.sum()), is_ms, seed=11, n_random=2,
+                                   ms_k=[], variants=["centred", "uncentred", "resample"], n_draws=2,
+                                   control_variants=[], n_matched=0, dose_variants=[], n_dose=0)
     calls = []
 
-    def score(zs, sample_rows):  # the toy decoder: log q = -(energy in the read modes)
+    def score(zs, sample_rows):
         calls.append(len(zs))
         return [-float(((z.double() @ torch.as_tensor(vectors[read].T)) ** 2).sum()) for z in zs]
 
     rows = [3, 0, 4, 1, 2]
-    table = condition_losses(arrays, rows, columns, torch.as_tensor(vectors, dtype=torch.float32),
-                             torch.as_tensor(mean, dtype=torch.float32), score, per_forward=7)
-    assert max(calls) <= 7 and sum(calls) == len(rows) * len(columns)
+    table = loss_table(context, rows, plan.columns, score, per_forward=7)
+    assert max(calls) <= 7 and sum(calls) == len(rows) * len(plan.columns)
+    index = {c.label: i for i, c in enumerate(plan.columns)}
 
-    def change(sample, modes, variant):
-        z = arrays[sample].astype(np.float64)
+    def energy(z, modes):
         hit = [k for k in modes if k in read]
-        along = z @ vectors[hit].T
-        if variant == "uncentred":
-            return -float((along**2).sum())
-        return float(((mean @ vectors[hit].T) ** 2).sum() * len(z) - (along**2).sum())
+        return float(((z.astype(np.float64) @ vectors[hit].T) ** 2).sum())
 
-    baseline = np.array([float(((arrays[r].astype(np.float64) @ vectors[read].T) ** 2).sum()) for r in rows])
-    np.testing.assert_allclose(table[:, 0], baseline, rtol=1e-5)
-    draws = [tuple(sorted(np.random.default_rng(11 + r).choice(n_modes, size=3, replace=False))) for r in range(3)]
-    expected_modes = {"ms_all": [(0, 3, 4)], "ta_matched": [(1, 2, 5)], "random": draws}
-    results = condition_summaries(table, columns, conds, ["centred", "uncentred"], lam)
-    assert {(r["variant"], r["condition"]) for r in results} == {
-        (v, c) for v in ("centred", "uncentred") for c in expected_modes}
-    for result in results:
-        members = expected_modes[result["condition"]]
-        per_draw = np.array([[change(r, modes, result["variant"]) for r in rows] for modes in members])
-        assert result["delta_loss"] == pytest.approx(per_draw.mean(), rel=1e-5, abs=1e-6)
-        assert result["mean_loss"] == pytest.approx((baseline + per_draw.mean(axis=0)).mean(), rel=1e-5)
-        if result["condition"] == "random":  # pooled: per-sample mean over the draws, plus the draws' spread
-            pct = 100 * per_draw.mean(axis=1) / baseline.mean()
-            assert result["n_draws"] == 3
-            assert result["draw_delta_pct_std"] == pytest.approx(np.std(pct, ddof=1), rel=1e-4)
-            assert result["draw_delta_pct_min"] == pytest.approx(pct.min(), rel=1e-4, abs=1e-6)
-    ta = next(r for r in results if r["condition"] == "ta_matched" and r["variant"] == "uncentred")
-    assert ta["delta_loss"] == pytest.approx(np.mean([change(r, (1,), "uncentred") for r in rows]), rel=1e-5)
+    for n, r in enumerate(rows):
+        z = arrays[r].astype(np.float64)
+        assert table[n, 0] == pytest.approx(energy(z, read), rel=1e-5)
+        for cond in conds:
+            hit = [k for k in cond.modes if k in read]
+            uncentred = energy(z, read) - energy(z, hit)
+            centred = uncentred + len(z) * float(((mean @ vectors[hit].T) ** 2).sum())
+            assert table[n, index[f"uncentred/{cond.label}"]] == pytest.approx(uncentred, rel=1e-4, abs=1e-4)
+            assert table[n, index[f"centred/{cond.label}"]] == pytest.approx(centred, rel=1e-4, abs=1e-4)
+    partner = context.partners[0, 3]
+    other = aligned(arrays[partner], len(arrays[3])).astype(np.float64)
+    ms = (0, 3, 4)
+    expected = energy(arrays[3], read) - energy(arrays[3], [0, 4]) + energy(other, [0, 4])
+    assert table[0, index["resample/ms_all/draw0"]] == pytest.approx(expected, rel=1e-4)
+    assert context.partners.shape == (2, 5) and not np.any(context.partners == np.arange(5))
+    assert ms == conds[0].modes

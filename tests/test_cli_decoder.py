@@ -52,20 +52,28 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
 
     # the random-weight LLaVA twin has no mode below rho 0.5, so it gets its own threshold
     choice = [f"experiment.basis={run / 'eigenbasis.npz'}"] if s["n_ms"] else ["modes.ms_threshold=50"]
-    run_experiment(["experiment=ablation", *args, "experiment.n_random=3", "experiment.ms_k=[1]", *choice],
-                   tmp_path, env)
+    run_experiment(["experiment=ablation", *args, "experiment.n_random=3", "experiment.ms_k=[1]", *choice,
+                    "experiment.n_matched=3", "experiment.n_dose=6", "experiment.optimal_steps=3"], tmp_path, env)
     abl_run, results = _summary(tmp_path, "ablation", model, dataset)
-    conditions = {(r["variant"], r["condition"]): r for r in results["summary"]["conditions"]}
-    assert {c for _, c in conditions} == {"ms_all", "ta_matched", "random", "ms_top1"}
-    assert {v for v, _ in conditions} == {"centred", "uncentred"}
-    ms = conditions[("centred", "ms_all")]
-    assert ms["n_modes_removed"] == results["summary"]["n_ms"] > 0 and ms["n"] == results["summary"]["n_samples"]
-    assert results["summary"]["n_ms"] == s["n_ms"] or not s["n_ms"]
-    assert conditions[("centred", "random")]["n_draws"] == 3 and 0 <= ms["p"] <= 1
-    assert results["summary"]["empty_conditions"] == []
-    assert ms["delta_ci_low"] <= ms["delta_loss"] <= ms["delta_ci_high"]
+    summary = results["summary"]
+    conditions = {(r["variant"], r["condition"]): r for r in summary["conditions"]}
+    assert {c for _, c in conditions} >= {"swap", "floor", "ms_all", "ta_top", "random_k", "ms_top1", "matched:ms_all"}
+    assert {v for v, _ in conditions} == {"swap", "floor", "resample", "position_mean", "optimal", "centred",
+                                          "uncentred"}
+    ms = conditions[("resample", "ms_all")]
+    assert ms["n_modes_removed"] == summary["n_ms"] > 0 and ms["n"] == summary["n_samples"]
+    assert summary["n_ms"] == s["n_ms"] or not s["n_ms"]
+    assert conditions[("centred", "random_k")]["n_subspaces"] == 3 and 0 <= ms["p"] <= 1
+    assert ms["delta_cluster_ci_low"] <= ms["delta_loss"] <= ms["delta_cluster_ci_high"]
+    assert ms["frac_of_swap"] == pytest.approx(ms["delta_loss"] / summary["delta_swap"])
+    assert 0 <= ms["variance_share_removed_token"] <= 1 and 0 <= ms["variance_share_removed"] <= 1
+    assert conditions[("optimal", "ms_all")]["n"] == summary["optimal"]["n_scored"] < summary["n_samples"]
+    assert summary["clusters"]["speaker_id"] >= 2 and summary["clusters"]["sentence"] >= 2
+    assert "class_effect" in conditions[("resample", "ms_all")] and summary["dose_curves"]["resample"]["n_points"] == 6
     header = (abl_run / "per_sample.csv").read_text().splitlines()[0]
-    assert header.startswith("sample_id,loss_baseline,loss_centred/ms_all") and (abl_run / "ablation.png").is_file()
+    assert header.startswith("sample_id,loss_baseline,loss_swap/draw0")
+    for name in ("ablation.png", "dose_response.png", "dose_response.csv"):
+        assert (abl_run / name).is_file()
 
     run_experiment(["experiment=msswap", *args, f"experiment.group_by={group}", "experiment.n_draws=2", *choice],
                    tmp_path, env)

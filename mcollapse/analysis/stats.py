@@ -129,3 +129,59 @@ def spearman(x, y) -> dict:
         return {"r": math.nan, "p": math.nan, "n": n}
     result = _sp.spearmanr(first, second)
     return {"r": float(result.statistic), "p": float(result.pvalue), "n": n}
+
+
+def cluster_weights(clusters: list, n_resamples: int, seed: int = 0) -> np.ndarray:
+    """Bootstrap weights (n_resamples, n) that resample whole clusters.
+
+    `clusters` is a list of per-sample label sequences, one per grouping (speaker, sentence, ...).
+    Each grouping's clusters are drawn with replacement, independently, and a sample's weight is the
+    product of how often its cluster was drawn in each grouping (Owen's pigeonhole bootstrap for
+    crossed random effects, 2007): with one grouping it is the ordinary cluster bootstrap, with none
+    (an empty list) the i.i.d. bootstrap of samples."""
+    if not clusters:
+        raise ValueError("cluster_weights needs at least one grouping; pass the sample index for i.i.d.")
+    labels = [np.unique(np.asarray(c, dtype=object).astype(str), return_inverse=True)[1] for c in clusters]
+    n = labels[0].size
+    if any(lab.size != n for lab in labels):
+        raise ValueError("every grouping must label every sample")
+    rng = np.random.default_rng(seed)
+    weights = np.ones((n_resamples, n))
+    for lab in labels:
+        k = int(lab.max()) + 1
+        counts = rng.multinomial(k, np.full(k, 1.0 / k), size=n_resamples)  # (B, k): draws of each cluster
+        weights *= counts[:, lab]
+    return weights
+
+
+def cluster_bootstrap_mean(values, clusters: list | None, *, n_resamples: int = 2000, confidence: float = 0.95,
+                           seed: int = 0) -> dict:
+    """Mean of `values` (n,) or of each column of (n, c) with a percentile interval from resampling
+    whole clusters (see cluster_weights); `clusters` None or empty: samples are their own clusters.
+
+    Returns estimate, ci_low, ci_high (arrays for 2-D input), n, n_clusters (per grouping),
+    n_resamples, confidence. Replicates in which every sample got weight 0 are redrawn."""
+    data = np.asarray(values, dtype=np.float64)
+    if data.ndim not in (1, 2) or not np.all(np.isfinite(data)):
+        raise ValueError("values must be a finite 1-D or 2-D array")
+    n = data.shape[0]
+    if n < 2:
+        raise ValueError(f"a bootstrap needs at least 2 samples, got {n}")
+    groupings = list(clusters) if clusters else [np.arange(n)]
+    weights = cluster_weights(groupings, n_resamples, seed)
+    empty = weights.sum(axis=1) == 0
+    if empty.any():
+        extra = cluster_weights(groupings, n_resamples * 4, seed + 1)
+        extra = extra[extra.sum(axis=1) > 0][: int(empty.sum())]
+        weights[np.flatnonzero(empty)[: len(extra)]] = extra
+        weights = weights[weights.sum(axis=1) > 0]
+    flat = data.reshape(n, -1)
+    replicates = (weights @ flat) / weights.sum(axis=1, keepdims=True)
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(replicates, [alpha, 1.0 - alpha], axis=0)
+    estimate = flat.mean(axis=0)
+    shape = data.shape[1:]
+    pick = (lambda a: float(a[0])) if data.ndim == 1 else (lambda a: a.reshape(shape))
+    return {"estimate": pick(estimate), "ci_low": pick(low), "ci_high": pick(high), "n": n,
+            "n_clusters": [len(set(map(str, g))) for g in groupings], "n_resamples": len(weights),
+            "confidence": confidence, "replicates": replicates if data.ndim == 2 else replicates[:, 0]}

@@ -172,18 +172,30 @@ class Modes:
     text_ids: list[str]
 
 
+def scorable(inputs: DecoderInputs, target: str) -> list[str]:
+    """The usable samples a target can score: under content those with a transcript/caption whose
+    clip the audio window did not cut (unless target.keep_cut_clips); under reference all."""
+    if target != "content":
+        return list(inputs.sequences.ids)
+    return [i for i in inputs.with_text() if inputs.keep_cut_clips or i not in inputs.cut_ids]
+
+
 def modes(inputs: DecoderInputs, rec: RunRecorder, n_modes: int, ms_threshold: float,
-          thresholds=(0.1, 0.25, 0.5, 0.75, 0.9), *, rho_normalization: str) -> Modes:
-    """Modes of the modal pooled adapter outputs; rho against the pooled token embeddings of the
-    same samples' texts (the LLM's input-embedding space, where the adapter output lives).
+          thresholds=(0.1, 0.25, 0.5, 0.75, 0.9), *, rho_normalization: str, fit_ids: list[str] | None = None) -> Modes:
+    """Modes of the modal pooled adapter outputs of `fit_ids` (default: all usable samples); rho
+    against the pooled token embeddings of the same samples' texts (the LLM's input-embedding
+    space, where the adapter output lives). The experiments fit it on the samples of the kind their
+    target scores, so a content-target basis never holds clips without a transcript.
 
     Experiments reach it through shared_modes, which passes the modes group's settings, so they
     all share one cached basis."""
     if rho_normalization not in RHO_NORMALIZATIONS:
         raise UserError(f"modes.rho_normalization must be one of {', '.join(RHO_NORMALIZATIONS)}, "
                         f"got {rho_normalization!r}")
-    seqs = inputs.sequences
-    text_ids = inputs.with_text()
+    seqs = inputs.sequences if fit_ids is None else inputs.sequences.subset(fit_ids)
+    text_ids = inputs.with_text(list(seqs.ids))
+    if len(seqs.ids) < 3:
+        raise UserError(f"the eigenbasis needs at least 3 samples, found {len(seqs.ids)}")
     if len(text_ids) < 3:
         raise UserError(f"mode alignment needs texts for at least 3 samples, found {len(text_ids)}")
     found = entry(inputs.cache_dir, "modes",
@@ -223,7 +235,7 @@ def shared_modes(cfg, inputs: DecoderInputs, rec: RunRecorder) -> Modes:
     """The eigenbasis of the modes group's settings, the one every experiment on the modes reads."""
     settings = cfg.modes
     return modes(inputs, rec, settings.n_modes, settings.ms_threshold, tuple(settings.thresholds),
-                 rho_normalization=settings.rho_normalization)
+                 rho_normalization=settings.rho_normalization, fit_ids=scorable(inputs, cfg.target.name))
 
 
 def eigenbasis_for(cfg, inputs: DecoderInputs, rec: RunRecorder):

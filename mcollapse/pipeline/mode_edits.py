@@ -3,14 +3,18 @@ select the samples, load the eigenbasis, then one cached, sharded pass over batc
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from mcollapse.analysis.modes import Eigenbasis, ModeAlignment
 from mcollapse.pipeline.decoder_side import DecoderInputs, answers_key, batch_size_of, decoder_inputs, eigenbasis_for
 from mcollapse.pipeline.inputs import Selection, recorder, selected_records
 from mcollapse.report.output import RunRecorder
 from mcollapse.store import entry, ids_digest, sharded_pass
+from mcollapse.store.atomic import write_json, write_npz
 
 
 @dataclass
@@ -44,3 +48,42 @@ def cached_pass(cfg, run: ModeEditRun, kind: str, ids: list[str], batches, compu
               "dtype": str(inputs.family.dtype), **key_fields, **answers_key(inputs, ids, cfg.target)}
     return sharded_pass(run.rec, entry(inputs.cache_dir, kind, fields).path, batches, kind, compute,
                         inputs.cache_dir, fields)
+
+
+CONSTANTS_FILE = "constants.npz"
+
+
+def cached_constants(cfg, run: ModeEditRun, ids: list[str], plan_key: str, settings: dict, fit) -> dict[str, dict]:
+    """The optimal edit's fitted constants as a store entry (kind ablation, part optimal_constants):
+    `fit()` -> {subspace: {constant, curve}} runs once under the entry's lock; a re-run or a
+    resumed run reads them back, an unreadable copy is quarantined and fitted again."""
+    inputs = run.inputs
+    fields = {"kind": "ablation", "part": "optimal_constants", "sequences": inputs.decoder_key,
+              "ids": ids_digest(ids), "basis": run.basis_source, "target": cfg.target.name,
+              "reduction": cfg.target.reduction, "plan": plan_key, "settings": settings,
+              "dtype": str(inputs.family.dtype), **answers_key(inputs, ids, cfg.target)}
+    found = entry(inputs.cache_dir, "ablation", fields)
+    path = found.path / CONSTANTS_FILE
+
+    def read():
+        try:
+            with np.load(path) as data:
+                names = sorted({key.split("__")[0] for key in data.files})
+                return {n: {"constant": data[f"{n}__constant"], "curve": data[f"{n}__curve"].tolist()} for n in names}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            found.quarantine(path, error)
+            return None
+
+    if path.is_file() and (done := read()) is not None:
+        return done
+    with run.rec.stage("optimal_fit"), found.lock():
+        if path.is_file() and (done := read()) is not None:
+            return done
+        fitted = fit()
+        arrays = {}
+        for name, f in fitted.items():
+            arrays[f"{name}__constant"] = np.asarray(f["constant"])
+            arrays[f"{name}__curve"] = np.asarray(f["curve"], dtype=np.float64)
+        write_json(found.path / "entry.json", {"key": found.key, "fields": fields}, default=str)
+        write_npz(path, **arrays)
+    return {n: {"constant": np.asarray(f["constant"]), "curve": list(f["curve"])} for n, f in fitted.items()}

@@ -110,42 +110,84 @@ def gmi_figure(results: dict, probe_info: dict, path: Path, title: str) -> None:
 
 
 def ablation_figure(results: list[dict], path: Path, title: str) -> None:
-    """Loss change in % of the baseline per condition, 95% CIs, one colour per variant."""
-    variants = list(dict.fromkeys(r["variant"] for r in results))
-    names = list(dict.fromkeys(r["condition"] for r in results))
-    width = 0.8 / len(variants)
-    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 3.0, 4.2))
-    colors = ("#4c72b0", "#dd8452", "#55a868")
+    """Loss change as a fraction of the swap reference per condition, with cluster-bootstrap 95 %
+    intervals, one colour per variant; 1 (dashed) is all the sample-specific use of the input."""
+    rows = [r for r in results if r.get("class") != "reference" and "frac_of_swap" in r]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    names = list(dict.fromkeys(r["condition"] for r in rows))
+    width = 0.8 / max(len(variants), 1)
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 3.5, 4.4))
+    colors = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3")
     for v, variant in enumerate(variants):
-        rows = {r["condition"]: r for r in results if r["variant"] == variant}
-        xs = [i + (v - (len(variants) - 1) / 2) * width for i, n in enumerate(names) if n in rows]
-        ys = [rows[n]["delta_pct"] for n in names if n in rows]
-        low = [rows[n]["delta_pct"] - rows[n]["delta_pct_ci_low"] for n in names if n in rows]
-        high = [rows[n]["delta_pct_ci_high"] - rows[n]["delta_pct"] for n in names if n in rows]
-        ax.bar(xs, ys, width=width * 0.95, color=colors[v % len(colors)], label=variant, yerr=[low, high], capsize=3)
+        by = {r["condition"]: r for r in rows if r["variant"] == variant}
+        xs = [i + (v - (len(variants) - 1) / 2) * width for i, n in enumerate(names) if n in by]
+        swap = [by[n]["delta_swap_same_samples"] for n in names if n in by]
+        ys = [by[n]["frac_of_swap"] for n in names if n in by]
+        low = [max(y - by[n]["delta_cluster_ci_low"] / s, 0) if s else 0 for y, n, s in zip(ys, [n for n in names if n in by], swap)]
+        high = [max(by[n]["delta_cluster_ci_high"] / s - y, 0) if s else 0 for y, n, s in zip(ys, [n for n in names if n in by], swap)]
+        ax.bar(xs, ys, width=width * 0.95, color=colors[v % len(colors)], label=variant, yerr=[low, high], capsize=2)
     ax.axhline(0, color="black", linewidth=0.8)
-    labels = []
-    for n in names:
-        first = next(r for r in results if r["condition"] == n)
-        labels.append(f"{n}\n({first['n_modes_removed']} modes)")
-    ax.set_xticks(range(len(names)), labels, fontsize=8)
-    ax.set_ylabel("loss change vs no ablation (%)")
+    ax.axhline(1, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(names)), names, fontsize=7, rotation=30,
+                  ha="right")
+    ax.set_ylabel("Δ loss / Δ swap")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def dose_response_figure(points: list[dict], results: list[dict], curves: dict, path: Path, title: str) -> None:
+    """Δ loss against the dose (variance removed) for random mode subsets, with the fitted curve, per
+    dose variant; the treatments and references marked."""
+    variants = list(curves) or list(dict.fromkeys(p["variant"] for p in points))
+    fig, axes = plt.subplots(1, max(len(variants), 1), figsize=(5.2 * max(len(variants), 1), 4.2), squeeze=False)
+    markers = {"MS": ("#c44e52", "o"), "TA": ("#4c72b0", "s"), "random": ("#55a868", "^"),
+               "random_matched": ("#8172b3", "v")}
+    for ax, variant in zip(axes[0], variants):
+        dose_key = "dose_token" if curves.get(variant, {}).get("dose", "token") == "token" else "dose_pooled"
+        mine = [p for p in points if p["variant"] == variant]
+        ax.scatter([p[dose_key] for p in mine], [p["delta_loss"] for p in mine], s=14, color="0.6",
+                   label="random mode subsets")
+        if variant in curves:
+            a, b = curves[variant]["coef"]
+            grid = np.linspace(0, 1, 101)
+            ax.plot(grid, a * grid + b * grid ** 2, color="0.3", linewidth=1, label="fit a·v + b·v²")
+        share_key = "variance_share_removed_token" if dose_key == "dose_token" else "variance_share_removed"
+        for r in results:
+            if r["variant"] != variant or r.get("class") not in markers or "delta_loss" not in r:
+                continue
+            color, marker = markers[r["class"]]
+            ax.scatter([r[share_key]], [r["delta_loss"]], color=color, marker=marker, s=40, zorder=3)
+            ax.annotate(r["condition"], (r[share_key], r["delta_loss"]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+        swap = next((r for r in results if r["condition"] == "swap" and "delta_loss" in r), None)
+        if swap:
+            ax.axhline(swap["delta_loss"], color="black", linestyle="--", linewidth=0.8, label="swap")
+        ax.set_xlabel("variance removed (" + ("per token" if dose_key == "dose_token" else "pooled") + ")")
+        ax.set_ylabel("Δ loss (nats)")
+        ax.set_title(f"{variant}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     _save(fig, path)
 
 
 def print_ablation_table(results: list[dict], title: str) -> None:
     table = Table(title=title)
-    for column in ("variant", "condition", "modes", "var. removed", "ΔLoss", "ΔLoss %", "95% CI (%)", "t", "p", "n"):
+    for column in ("variant", "condition", "modes", "var. pooled", "var. token", "ΔLoss", "cluster 95% CI",
+                   "Δ/Δswap", "beyond dose", "t", "p", "n"):
         table.add_column(column, justify="right")
     for r in results:
-        spread = f" ±{r['draw_delta_pct_std']:.2f}" if "draw_delta_pct_std" in r else ""
-        table.add_row(r["variant"], r["condition"], str(r["n_modes_removed"]), f"{r['variance_share_removed']:.1%}",
-                      f"{r['delta_loss']:.4g}", f"{r['delta_pct']:+.2f}{spread}",
-                      f"[{r['delta_pct_ci_low']:+.2f}, {r['delta_pct_ci_high']:+.2f}]", f"{r['t']:.2f}",
-                      f"{r['p']:.3g}", str(r["n"]))
-    Console(width=140).print(table)
+        if "delta_loss" not in r:
+            table.add_row(r["variant"], r["condition"], *[""] * 9, str(r.get("n", 0)))
+            continue
+        beyond = f"{r['class_effect']:+.3g} [{r['class_effect_ci_low']:+.3g}, {r['class_effect_ci_high']:+.3g}]" \
+            if "class_effect" in r else ""
+        table.add_row(r["variant"], r["condition"], str(r.get("n_modes_removed", "")),
+                      f"{r['variance_share_removed']:.1%}" if "variance_share_removed" in r else "",
+                      f"{r['variance_share_removed_token']:.1%}" if "variance_share_removed_token" in r else "",
+                      f"{r['delta_loss']:+.4g}", f"[{r['delta_cluster_ci_low']:+.3g}, {r['delta_cluster_ci_high']:+.3g}]",
+                      f"{r['frac_of_swap']:.3g}", beyond, f"{r['t']:.2f}", f"{r['p']:.3g}", str(r["n"]))
+    Console(width=170).print(table)
 
 
 def msswap_figure(data: dict, path: Path, title: str) -> None:
