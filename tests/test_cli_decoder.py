@@ -82,6 +82,8 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
     assert swap["group_by"] == group and swap["n_groups"] >= 2 and swap["n_samples"] > 10
     assert swap["kl_MS"] >= 0 and swap["kl_TA"] >= 0 and swap["shift_MS"] > 0 and swap["shift_TA"] > 0
     assert 0 <= swap["kl_MS_vs_TA_p"] <= 1 and (swap_run / "msswap.png").is_file()
+    assert swap["kl_ALL"] >= 0 and swap["frac_of_all_MS"] == pytest.approx(swap["delta_ce_MS"] / swap["delta_ce_ALL"])
+    assert swap["delta_ce_ALL_cluster_ci_low"] <= swap["delta_ce_ALL"] <= swap["delta_ce_ALL_cluster_ci_high"]
     assert len((swap_run / "per_sample.csv").read_text().splitlines()) == 2 * swap["n_samples"] + 1
 
     run_experiment(["experiment=gradproj", *args], tmp_path, env)

@@ -311,10 +311,15 @@ def fit_constants(plan: Plan, context: EditContext, score, *, steps: int, batch:
     per_position = len(lengths) == 1 and len({len(a) for a in context.arrays}) == 1
     anchor = torch.as_tensor(position_mean([context.arrays[r] for r in rows], lengths.pop()), dtype=torch.float32) \
         if per_position else context.mean[None]
+    from mcollapse.progress import progress_bar
+
     out = {}
-    for name in optimal_targets(plan):
-        u = context.directions[name]
-        constant, curve = fit_constant(lambda edited, idx: score(edited, [rows[i] for i in idx]), zs, u, per_position,
-                                       anchor @ u.T, steps=steps, batch=batch, lr=lr, seed=seed)
-        out[name] = {"constant": constant, "curve": curve}
+    targets = optimal_targets(plan)
+    with progress_bar("optimal constants", total=steps * len(targets)) as advance:
+        for name in targets:
+            u = context.directions[name]
+            constant, curve = fit_constant(lambda edited, idx: score(edited, [rows[i] for i in idx]), zs, u,
+                                           per_position, anchor @ u.T, steps=steps, batch=batch, lr=lr, seed=seed,
+                                           advance=advance)
+            out[name] = {"constant": constant, "curve": curve}
     return out

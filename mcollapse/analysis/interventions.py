@@ -82,11 +82,12 @@ def edit(z: torch.Tensor, u: torch.Tensor, variant: str, *, mean: torch.Tensor |
 
 
 def fit_constant(score, zs: list[torch.Tensor], u: torch.Tensor, per_position: bool, init: torch.Tensor, *,
-                 steps: int, batch: int, lr: float, seed: int) -> tuple[torch.Tensor, list[float]]:
+                 steps: int, batch: int, lr: float, seed: int, advance=None) -> tuple[torch.Tensor, list[float]]:
     """The constant c ((T, k) per position, else (1, k)) minimising the mean loss of the `optimal`
     edit over `zs`, by Adam on seeded mini-batches (Li & Janson's optimal ablation). `score(list of
     edited inputs, indices)` returns log q(y | z) per sample, differentiable. Starts from `init`
-    (the mean's component, which is the centred edit) and returns the constant and the loss curve."""
+    (the mean's component, which is the centred edit) and returns the constant and the loss curve;
+    `advance(1)` is called after each step (progress, and a Ctrl-C safe point)."""
     constant = init.clone().detach().requires_grad_(True)
     optimiser = torch.optim.Adam([constant], lr=lr)
     rng = np.random.default_rng([seed, 31])
@@ -99,4 +100,6 @@ def fit_constant(score, zs: list[torch.Tensor], u: torch.Tensor, per_position: b
         loss.backward()
         optimiser.step()
         curve.append(float(loss.detach()))
+        if advance is not None:
+            advance(1)
     return constant.detach(), curve

@@ -5,7 +5,10 @@ replaced by another group's mean (seeded draws, several per sample); separately 
 TA subspace (the other kept modes). The LLM alone gives the next-token distributions at the
 answer positions for the original and every swapped input, stacked as rows of one forward;
 reported: KL(p_base || p_swap) per answer position, the loss change, the shift's size and KL per
-unit squared shift, with paired tests of MS against TA.
+unit squared shift, with paired tests of MS against TA. The reference `ALL` applies the same swap to
+every direction (the sample's whole mean becomes the other group's): each subspace's loss change is
+also given as a fraction of it (`frac_of_all_MS`, `frac_of_all_TA`), with cluster-bootstrap
+intervals over `stats.cluster_by`.
 """
 
 from __future__ import annotations
@@ -16,16 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mcollapse.analysis.stats import paired_t
+from mcollapse.analysis.stats import cluster_bootstrap_mean, paired_t
 from mcollapse.analysis.swap import draw_partners, kl_per_position, swap_shift
 from mcollapse.data.labels import derive_labels
 from mcollapse.errors import UserError
 from mcollapse.models.decoder import IGNORE, compose, pad_sequences
+from mcollapse.pipeline.clusters import cluster_labels
 from mcollapse.pipeline.decoder_side import batch_size_of, scored_ids
 from mcollapse.pipeline.mode_edits import cached_pass, start_mode_edits
 from mcollapse.report.decoder_figures import msswap_figure, print_metrics
 
-SUBSPACES = ("MS", "TA")
+SUBSPACES = ("MS", "TA", "ALL")  # ALL: the swap in every direction, the reference
+MSSWAP_VERSION = 2  # 2: shards hold the ALL reference
 
 
 def _groups(cfg, selection, ids) -> dict[str, str]:
@@ -57,7 +62,8 @@ def run(cfg, run_dir: Path) -> dict:
     seqs = inputs.sequences.subset(ids)
     answers = [inputs.answer(i) for i in ids] if target.name == "content" else None
     modes = {"MS": torch.as_tensor(basis.vectors[alignment.is_ms], dtype=torch.float32),
-             "TA": torch.as_tensor(basis.vectors[~alignment.is_ms], dtype=torch.float32)}
+             "TA": torch.as_tensor(basis.vectors[~alignment.is_ms], dtype=torch.float32),
+             "ALL": torch.eye(basis.dim, dtype=torch.float32)}
     group_mean = {g: torch.as_tensor(m, dtype=torch.float32) for g, m in means.items()}
     n_draws = exp.n_draws
 
@@ -74,11 +80,14 @@ def run(cfg, run_dir: Path) -> dict:
     batch = batch_size_of(cfg)
     batches = [np.arange(s, min(s + batch, len(ids))) for s in range(0, len(ids), batch)]
     gather = cached_pass(cfg, edits, "msswap", ids, batches, measure, group_by=exp.group_by, n_draws=n_draws,
-                         seed=cfg.seed)
+                         seed=cfg.seed, version=MSSWAP_VERSION)
     data = {name: gather(name) for name in ["loss_base"] + [f"{k}_{s}" for k in ("kl", "dce", "shift")
                                                                for s in SUBSPACES]}
     with rec.stage("statistics"):
         summary = _summary(data, alignment, exp, target, len(ids), len(means), basis_source)
+        clusters, cluster_info = cluster_labels([inputs.records[i] for i in ids], list(cfg.stats.cluster_by))
+        summary.update(_relative_to_all(data, clusters, cfg.stats.n_boot, cfg.seed))
+        summary["clusters"] = cluster_info
     rows = [rec.row("adapter_output", "-", cfg.seed, name, value, group_by=exp.group_by, target=target.name)
             for name, value in summary.items() if isinstance(value, (int, float)) and not isinstance(value, bool)]
     with rec.stage("report"):
@@ -106,13 +115,14 @@ def swap_measures(arrays, rows, partners, modes: dict, group_mean: dict, scored,
     (log_p (N, V) at the scored positions, row_of (N,) the variant of each, targets (N,) the tokens);
     the loss is minus the target's log-probability, summed or averaged over positions (`reduction`)."""
     n_draws = len(partners[rows[0]]) if len(rows) else 0
-    out = {f"{k}_{s}": np.empty((len(rows), n_draws)) for k in ("kl", "dce", "shift") for s in SUBSPACES}
+    names = list(modes)
+    out = {f"{k}_{s}": np.empty((len(rows), n_draws)) for k in ("kl", "dce", "shift") for s in names}
     out["loss_base"] = np.empty(len(rows))
     reduce = (lambda x: -x.sum()) if reduction == "sum" else (lambda x: -x.mean())
     for n, r in enumerate(rows):
         z = torch.as_tensor(arrays[r], dtype=torch.float32)
         variants, shifts = [z], []
-        for subspace in SUBSPACES:
+        for subspace in names:
             for partner in partners[r]:
                 shift = swap_shift(z, modes[subspace], group_mean[partner])
                 variants.append(z + shift)
@@ -124,10 +134,25 @@ def swap_measures(arrays, rows, partners, modes: dict, group_mean: dict, scored,
         base = log_p[row_of == 0]
         out["loss_base"][n] = base_loss
         for v in range(1, len(variants)):
-            subspace, draw = SUBSPACES[(v - 1) // n_draws], (v - 1) % n_draws
+            subspace, draw = names[(v - 1) // n_draws], (v - 1) % n_draws
             out[f"kl_{subspace}"][n, draw] = float(kl_per_position(base, log_p[row_of == v]).mean())
             out[f"dce_{subspace}"][n, draw] = float(reduce(per_row[v])) - base_loss
             out[f"shift_{subspace}"][n, draw] = shifts[v - 1]
+    return out
+
+
+def _relative_to_all(data, clusters, n_boot: int, seed: int) -> dict:
+    """Each subspace's loss change with a cluster-bootstrap interval, and as a fraction of the swap in
+    every direction (ALL)."""
+    out = {}
+    everything = data["dce_ALL"].mean(axis=1)
+    for s in SUBSPACES:
+        dce = data[f"dce_{s}"].mean(axis=1)
+        if len(dce) > 1:
+            ci = cluster_bootstrap_mean(dce, clusters, n_resamples=n_boot, seed=seed)
+            out.update({f"delta_ce_{s}_cluster_ci_low": ci["ci_low"], f"delta_ce_{s}_cluster_ci_high": ci["ci_high"]})
+        if s != "ALL":
+            out[f"frac_of_all_{s}"] = float(dce.mean() / everything.mean()) if everything.mean() != 0 else float("nan")
     return out
 
 

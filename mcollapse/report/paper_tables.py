@@ -343,20 +343,26 @@ def isotropy_table(runs: RunSet) -> Table:
 
 def swap_table(runs: RunSet) -> Table:
     columns = ["model", "dataset", "seed", "target", "group_by", "subspace", "n_modes", "kl", "delta_ce",
-               "delta_ce_pct", "delta_ce_t", "delta_ce_p", "shift", "kl_per_unit2", "n_samples", "source"]
+               "delta_ce_ci_low", "delta_ce_ci_high", "delta_ce_pct", "frac_of_all", "delta_ce_t", "delta_ce_p", "shift",
+               "kl_per_unit2", "n_samples", "source"]
     table = Table("msswap", "Swapping a sample's position in the MS / TA subspace", columns,
                   caption="Each sample's mean component in the subspace replaced by another `group_by` group's mean; "
                           "KL(p_base ‖ p_swap) over answer positions and the loss change under the row's `target` "
-                          "(`delta_ce_pct` relative to the base loss).")
+                          "(`delta_ce_pct` relative to the base loss), with a cluster-bootstrap 95 % interval; ALL "
+                          "swaps every direction (the reference), `frac_of_all` = the subspace's change / ALL's.")
     for run in sorted(runs.of("msswap"), key=_order):
         s = run.summary
-        for subspace in ("MS", "TA"):
+        for subspace in ("MS", "TA", "ALL"):
+            if f"delta_ce_{subspace}" not in s:
+                continue
             delta = s.get(f"delta_ce_{subspace}")
             base = s.get("mean_loss_base")
             table.rows.append({"model": run.model, "dataset": run.dataset, "seed": run.seed, "target": s.get("target"),
                                "group_by": s.get("group_by"), "subspace": subspace,
                                "n_modes": s.get(f"n_{subspace.lower()}_modes"), "kl": s.get(f"kl_{subspace}"),
-                               "delta_ce": delta,
+                               "delta_ce": delta, "delta_ce_ci_low": s.get(f"delta_ce_{subspace}_cluster_ci_low"),
+                               "delta_ce_ci_high": s.get(f"delta_ce_{subspace}_cluster_ci_high"),
+                               "frac_of_all": s.get(f"frac_of_all_{subspace}"),
                                "delta_ce_pct": 100 * delta / base if delta is not None and base else None,
                                "delta_ce_t": s.get(f"delta_ce_{subspace}_t"),
                                "delta_ce_p": s.get(f"delta_ce_{subspace}_p"), "shift": s.get(f"shift_{subspace}"),
