@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -164,9 +165,11 @@ def register() -> None:
 # Experiment fields checked wherever an experiment has them (the schemas guarantee their types).
 _EXPERIMENT_COUNTS = ("n_alternatives", "n_boot", "n_random", "n_draws", "histogram_bins", "pca_dims",
                       "max_points", "n_projections", "max_new_tokens", "n_matched", "n_dose", "optimal_steps",
-                      "optimal_batch")
+                      "optimal_batch",
+                      "max_steps", "eval_every", "checkpoint_every", "patience")  # the last four: train_adapter
 _EXPERIMENT_OPTIONAL_COUNTS = ("n_samples", "lipschitz_samples",  # null: every scorable sample
-                               "batch_size", "eval_batch_size", "rows_per_forward")
+                               "batch_size", "eval_batch_size", "rows_per_forward",
+                               "n_train", "n_dev", "n_eval")  # train_adapter, null: the whole split
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -245,6 +248,75 @@ def _threads(threads) -> None:
         _at_least("threads", threads, 1)
 
 
+TEXT_SOURCE = "experiment.text.source"
+BUILT_MODEL_IGNORES = ("local_path", "hub_id", "revision")
+
+
+def model_option(name: str, setting: str, conf_dir: Path) -> Path:
+    """conf/model/<name>.yaml; an unknown name is refused naming the setting that gave it."""
+    path = Path(conf_dir) / "model" / f"{name}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in (Path(conf_dir) / "model").glob("*.yaml"))
+        choices += ["self", "none"] if setting == TEXT_SOURCE else []
+        raise UserError(f"{setting} '{name}' is not a model config ({', '.join(choices)})")
+    return path
+
+
+def _named_models(exp) -> list[tuple[str, str]]:
+    """(setting, model config name) of every further model an experiment loads."""
+    named = []
+    text = exp.get("text")
+    if OmegaConf.is_dict(text) and text.source not in ("self", "none"):
+        named.append((TEXT_SOURCE, str(text.source)))
+    if exp.get("other_model"):
+        named.append(("experiment.other_model", str(exp.other_model)))
+    for i, spec in enumerate(exp.get("compare") or []):
+        if OmegaConf.is_dict(spec) and spec.get("model"):
+            named.append((f"experiment.compare[{i}].model", str(spec.model)))
+    return named
+
+
+def _model_names(exp) -> None:
+    """Unknown model names fail before any data is read, naming the setting (not text.source)."""
+    from mcollapse.cli import config_dir
+
+    for setting, name in _named_models(exp):
+        model_option(name, setting, Path(config_dir()))
+
+
+def _model_settings(model) -> None:
+    """Settings a model cannot use are refused: silently ignored, they would label runs falsely."""
+    if model.build:  # made on this machine: no hub checkpoint, no local one
+        for key in BUILT_MODEL_IGNORES:
+            if model[key] is not None:
+                raise UserError(f"model.{key} cannot apply to model '{model.name}': it is built offline "
+                                f"(model.build={model.build}), so model.{key} would be ignored")
+    if model.audio_window_s is not None and model.modality != "audio":
+        raise UserError(f"model.audio_window_s cannot apply to model '{model.name}': it takes {model.modality}, "
+                        "not audio")
+    if model.projector and model.modality == "text":
+        raise UserError(f"model.projector cannot apply to model '{model.name}': it is text-only (no projector)")
+
+
+def _experiment_combinations(cfg) -> None:
+    """Experiment settings that only apply beside another one."""
+    exp = cfg.experiment
+    sae = exp.get("sae")
+    if OmegaConf.is_dict(sae) and sae.layer is not None and not sae.path:
+        raise UserError("experiment.sae.layer cannot apply without experiment.sae.path (the SAE it locates)")
+    if exp.get("other_overrides") and not exp.get("other_model"):
+        raise UserError("experiment.other_overrides cannot apply without experiment.other_model (the model they "
+                        "change)")
+    text = exp.get("text")
+    if OmegaConf.is_dict(text) and text.source == "none" and text.format != "prompt" and not exp.get("other_model"):
+        raise UserError(f"experiment.text.format={text.format} cannot apply with experiment.text.source=none "
+                        "(no text is read)")
+    target = cfg.get("target")
+    if OmegaConf.is_dict(target) and target.keep_cut_clips and target.name != "content":
+        raise UserError(f"target.keep_cut_clips cannot apply to target={target.name}: it scores every clip "
+                        "(only target=content skips cut clips)")
+
+
 def validate(cfg) -> None:
     """Refuse values that cannot work before any data is read or model loaded, one line each
     (a negative probe.C used to fail only after extraction, with a traceback)."""
@@ -272,5 +344,8 @@ def validate(cfg) -> None:
         _positive("model.audio_window_s", cfg.model.audio_window_s)
     _modes(cfg.modes)
     _gradients(cfg.gradients)
+    _model_settings(cfg.model)
     if OmegaConf.is_dict(cfg.experiment):
         _experiment(cfg.experiment)
+        _experiment_combinations(cfg)
+        _model_names(cfg.experiment)

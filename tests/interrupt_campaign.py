@@ -5,11 +5,12 @@ Hydra) happen once here; each trial is a forked child that runs the real entry p
 (`mcollapse.launch.main`) with SIGINT at its default disposition, so the campaign behaves the same
 however the test suite itself was launched (a shell's background job starts with SIGINT ignored).
 
-Each trial gets a fresh cache (the built models linked in), is sent SIGINT at a moment drawn
-uniformly over an uninterrupted run's duration once the child has routed SIGINT, must exit 130 with
-one closing line and no traceback, and is then re-run to completion; the files the spec names
-must then equal the uninterrupted reference's, byte for byte or array for array. Writes a JSON
-report of every trial to SPEC's `report` path.
+Trials come in groups of `chain` (default 3) on one fresh cache (the built models linked in): each
+is sent SIGINT at a moment drawn uniformly over an uninterrupted run's duration once the child has
+routed SIGINT, resumes what the one before it left, and must exit 130 with one closing line and no
+traceback. The group's cache is then re-run to completion, and the files the spec names must equal
+the uninterrupted reference's, byte for byte or array for array. Writes a JSON report of every trial
+to SPEC's `report` path.
 """
 
 from __future__ import annotations
@@ -155,23 +156,27 @@ def campaign(spec: dict) -> dict:
     expected = fingerprint(reference_cache, patterns)
     if not expected:
         raise RuntimeError(f"no file matches {patterns} after the uninterrupted run")
-    trials = []
-    while len(trials) < spec["trials"]:
-        tag = f"trial-{len(trials):02d}"
+    trials, group = [], 0
+    while len(trials) < spec["trials"]:  # groups of `chain` interrupts on one cache, then one re-run
+        tag = f"group-{group:02d}"
+        group += 1
         cache = fresh_cache(workdir, tag, models)
-        moment = rng.uniform(0.0, spec.get("window", 1.0) * reference["seconds"])
-        interrupted = run(args_for(tag), workdir, env_for(cache), workdir / f"{tag}.log", interrupt_after=moment)
-        if interrupted["sent_at"] is None:
-            continue  # the run beat the drawn moment; draw again
-        log = Path(interrupted["log"]).read_text()
+        members = []
+        while len(members) < spec.get("chain", 3) and len(trials) + len(members) < spec["trials"]:
+            moment = rng.uniform(0.0, spec.get("window", 1.0) * reference["seconds"])
+            name = f"{tag}-{len(members)}"
+            interrupted = run(args_for(name), workdir, env_for(cache), workdir / f"{name}.log", interrupt_after=moment)
+            if interrupted["sent_at"] is None:
+                break  # the run finished before the moment: this cache is complete, re-run and compare it
+            log = Path(interrupted["log"]).read_text()
+            lines = log.strip().splitlines()
+            members.append({"moment": moment, "exit": interrupted["exit"],
+                            "traceback": "Traceback" in log or "Exception ignored" in log,
+                            "last_line": lines[-1] if lines else "", "log": interrupted["log"]})
         resumed = run(args_for(tag + "-rerun"), workdir, env_for(cache), workdir / f"{tag}-rerun.log")
-        got = fingerprint(cache, patterns)
-        lines = log.strip().splitlines()
-        trials.append({"moment": moment, "exit": interrupted["exit"], "rerun_exit": resumed["exit"],
-                       "traceback": "Traceback" in log or "Exception ignored" in log,
-                       "last_line": lines[-1] if lines else "", "identical": got == expected,
-                       "log": interrupted["log"]})
-        if got == expected:
+        identical = fingerprint(cache, patterns) == expected
+        trials += [{**m, "rerun_exit": resumed["exit"], "identical": identical} for m in members]
+        if identical:
             shutil.rmtree(cache.parent)  # a differing one stays for inspection
     return {"reference_seconds": reference["seconds"], "trials": trials}
 

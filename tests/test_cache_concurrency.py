@@ -62,8 +62,8 @@ class _FakeInputs:
         self.cache_dir = cache_dir
         self._calls_log = calls_log
 
-    def with_text(self) -> list[str]:
-        return list(self.sequences.ids)
+    def with_text(self, ids=None) -> list[str]:
+        return list(ids or self.sequences.ids)
 
     def text_sequence(self, sample_id: str) -> np.ndarray:
         with open(self._calls_log, "a") as handle:

@@ -57,7 +57,8 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
     abl_run, results = _summary(tmp_path, "ablation", model, dataset)
     summary = results["summary"]
     conditions = {(r["variant"], r["condition"]): r for r in summary["conditions"]}
-    assert {c for _, c in conditions} >= {"swap", "floor", "ms_all", "ta_top", "random_k", "ms_top1", "matched:ms_all"}
+    assert {c for _, c in conditions} >= {"swap", "floor", "ms_all", "ta_top", "random_k", "ms_top1",
+                                          "random_matched:ms_all"}
     assert {v for v, _ in conditions} == {"swap", "floor", "resample", "position_mean", "optimal", "centred",
                                           "uncentred"}
     ms = conditions[("resample", "ms_all")]
@@ -66,6 +67,8 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
     assert conditions[("centred", "random_k")]["n_subspaces"] == 3 and 0 <= ms["p"] <= 1
     assert ms["delta_cluster_ci_low"] <= ms["delta_loss"] <= ms["delta_cluster_ci_high"]
     assert ms["frac_of_swap"] == pytest.approx(ms["delta_loss"] / summary["delta_swap"])
+    assert summary["delta_swap_ci_low"] <= summary["delta_swap"] <= summary["delta_swap_ci_high"]
+    assert summary["frac_of_swap_readable"] == (summary["delta_swap_ci_low"] > 0)
     assert 0 <= ms["variance_share_removed_token"] <= 1 and 0 <= ms["variance_share_removed"] <= 1
     assert conditions[("optimal", "ms_all")]["n"] == summary["optimal"]["n_scored"] < summary["n_samples"]
     assert summary["clusters"]["speaker_id"] >= 2 and summary["clusters"]["sentence"] >= 2

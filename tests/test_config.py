@@ -114,6 +114,55 @@ def test_bad_values_are_refused_before_any_work(overrides, message):
         validate(_compose(overrides))
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model=tiny_qwen2audio", "model.local_path=/nonexistent"],
+         r"^model.local_path cannot apply to model 'tiny_qwen2audio': it is built offline"),
+        (["model=smol_speech", "model.hub_id=Qwen/Qwen2-Audio-7B-Instruct"], r"^model.hub_id cannot apply"),
+        (["model=smol_vision", "model.revision=main"], r"^model.revision cannot apply to model 'smol_vision'"),
+        (["model=tiny_llava", "model.audio_window_s=5"], r"^model.audio_window_s cannot apply to .*takes image"),
+        (["model=tiny_llama", "model.projector=shipped:smol_speech"], r"^model.projector cannot apply .*text-only"),
+        (["experiment=shift", "experiment.sae.layer=3"], r"^experiment.sae.layer cannot apply without"),
+        (["experiment=transfer", "+experiment.other_overrides.lora=/x"],
+         r"^experiment.other_overrides cannot apply without experiment.other_model"),
+        (["experiment.text.source=none", "experiment.text.format=raw"],
+         r"^experiment.text.format=raw cannot apply with experiment.text.source=none"),
+        (["target=reference", "target.keep_cut_clips=true"],
+         r"^target.keep_cut_clips cannot apply to target=reference"),
+        (["experiment.text.source=nosuch"],
+         r"^experiment.text.source 'nosuch' is not a model config \(.*, self, none\)$"),
+        (["experiment=shift", "experiment.other_model=nosuch"],
+         r"^experiment.other_model 'nosuch' is not a model config"),
+        (["experiment=transfer", "experiment.other_model=nosuch"], r"^experiment.other_model 'nosuch'"),
+        (["experiment=similarity", "experiment.compare=[{name:a,model:nosuch}]"],
+         r"^experiment.compare\[0\].model 'nosuch' is not a model config"),
+        (["experiment=train_adapter", "experiment.n_train=0"], r"^experiment.n_train must be >= 1, got 0"),
+        (["experiment=train_adapter", "experiment.n_dev=0"], r"^experiment.n_dev must be >= 1, got 0"),
+        (["experiment=train_adapter", "experiment.eval_every=0"], r"^experiment.eval_every must be >= 1, got 0"),
+    ],
+)
+def test_settings_that_cannot_apply_are_refused_naming_them(overrides, message):
+    from mcollapse.config import validate
+    from mcollapse.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        validate(_compose(overrides))
+
+
+@pytest.mark.parametrize("overrides", [["model=qwen2audio", "model.local_path=/models/qwen2-audio"],
+                                       ["experiment=shift", "experiment.sae.path=/x", "experiment.sae.layer=3"],
+                                       ["experiment=transfer", "experiment.other_model=tiny_llama",
+                                        "experiment.text.source=none", "experiment.text.format=raw"],
+                                       ["experiment=similarity",
+                                        "experiment.compare=[{name:r,model:smol_speech_random}]"],
+                                       ["experiment.text.source=tiny_llama"], ["model=tiny_ultravox"]])
+def test_settings_in_a_combination_that_uses_them_are_accepted(overrides):
+    from mcollapse.config import validate
+
+    validate(_compose(overrides))
+
+
 @pytest.mark.parametrize("experiment", ["probe", "ablation", "gmi", "gradproj", "lipschitz", "lora", "modes",
                                         "msswap", "wasserstein", "extract"])
 def test_shipped_defaults_are_valid(experiment):

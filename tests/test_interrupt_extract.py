@@ -7,7 +7,7 @@ from mcollapse.models.twins import ensure_tiny_checkpoint
 from tests.interrupt_campaign import failures, run_campaign
 
 ARGS = ["experiment=extract", "model=tiny_qwen2audio", "dataset=synthetic_speech",
-        "dataset.generate_options.n_speakers=4", "dataset.generate_options.n_per_class=8", "dataset.max_samples=24",
+        "dataset.generate_options.n_speakers=4", "dataset.generate_options.n_per_class=8", "dataset.max_samples=16",
         "threads=1", "experiment.text.source=none", "model.batch_size=1", "flush_every=1"]
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -180,3 +183,50 @@ def test_a_run_stopped_by_its_time_budget_goes_on_under_a_larger_one(tmp_path, e
         outcomes.append(json.loads((run / "results.json").read_text())["summary"])
     assert outcomes[0]["stop_reason"] == "time_budget" and outcomes[0]["steps"] < 6
     assert outcomes[1]["stop_reason"] == "max_steps" and outcomes[1]["resumed_at_step"] == outcomes[0]["steps"]
+
+
+def _generated_corpus(env) -> Path:
+    """The small synthetic LibriSpeech set, generated if this session has not yet."""
+    from hydra import compose, initialize_config_dir
+
+    from mcollapse.cli import config_dir
+    from mcollapse.data import load_records
+
+    with mock.patch.dict(os.environ, env, clear=True), initialize_config_dir(config_dir=config_dir(),
+                                                                              version_base="1.3"):
+        load_records(compose(config_name="config", overrides=FAST).dataset)
+    return Path(env["MCOLLAPSE_DATA"]) / "synthetic_librispeech"
+
+
+def test_an_all_silent_training_split_is_one_line_naming_it(tmp_path, env):
+    corpus = _generated_corpus(env)
+    silent = tmp_path / "silent" / "train-clean-100"
+    shutil.copytree(corpus / "train-clean-100", silent)
+    for clip in silent.rglob("*.flac"):
+        soundfile.write(clip, np.zeros(soundfile.info(clip).frames, np.float32), 16_000, format="FLAC")
+    outcome = run_experiment([*FAST, "dataset.generate=null",
+                              f"dataset.splits.train=[{{format:librispeech,root:'{silent}'}}]"], tmp_path, env,
+                             check=False)
+    assert outcome.exit_code == 2, outcome
+    assert outcome.error.startswith("the train split (experiment.train_split: 'synthetic_librispeech@train') has "
+                                    "no usable sample: 16 skipped, first ")
+    assert outcome.error.endswith("audio is digital silence")
+
+
+def test_a_missing_best_weights_file_is_named_not_blamed_on_model_projector(tmp_path, env, monkeypatch):
+    from mcollapse.models.adapter_train import BEST_DIR
+
+    fit = ProjectorTrainer.fit
+
+    def fit_then_lose_the_best_weights(self, *args, **kwargs):
+        outcome = fit(self, *args, **kwargs)
+        (self.state_dir / BEST_DIR / "projector.safetensors").unlink()
+        return outcome
+
+    cache = tmp_path / "cache"
+    shutil.copytree(env["MCOLLAPSE_CACHE"], cache, ignore=shutil.ignore_patterns("projectors"), symlinks=True)
+    monkeypatch.setattr(ProjectorTrainer, "fit", fit_then_lose_the_best_weights)
+    outcome = run_experiment(FAST, tmp_path, {**env, "MCOLLAPSE_CACHE": str(cache)}, check=False)
+    assert outcome.exit_code == 2 and "model.projector" not in outcome.error
+    assert outcome.error.startswith(f"the best projector weights {cache}/projectors/")
+    assert "best/projector.safetensors are missing from the training state" in outcome.error

@@ -28,7 +28,7 @@ import torch
 
 from mcollapse.analysis import subspaces as sub
 from mcollapse.analysis.interventions import DRAWN, aligned, edit
-from mcollapse.analysis.stats import cluster_bootstrap_mean, paired_t
+from mcollapse.analysis.stats import paired_t
 
 TREATMENTS = ("ms_all", "ms_top", "ta_top", "random_k")
 
@@ -189,7 +189,7 @@ def build_plan(conds: list[Condition], basis_vectors: np.ndarray, eigenvalues: n
                                                                          for v in drawn.subspaces]))
                                 if drawn.accepted else None}
         for r, coords in enumerate(drawn.subspaces):
-            spaces[f"matched:{group}#{r}"] = make(f"matched:{group}#{r}", "matched", coords, of=group)
+            spaces[f"random_matched:{group}#{r}"] = make(f"random_matched:{group}#{r}", "matched", coords, of=group)
     for r, modes in enumerate(sub.random_subsets(n_modes, n_dose, seed)):
         spaces[f"dose#{r}"] = make(f"dose#{r}", "dose", sub.mode_subset(modes, n_modes))
 

@@ -82,7 +82,7 @@ def summaries(table: np.ndarray, plan: Plan, clusters, *, n_resamples: int = 200
                 continue
             m_delta = _per_sample(table, m_indices)
             info = plan.matched_draws.get(group, {})
-            add({"condition": f"matched:{group}", "variant": variant, "class": "random_matched",
+            add({"condition": f"random_matched:{group}", "variant": variant, "class": "random_matched",
                  "n_modes_removed": len(members[0].condition.modes), "n_subspaces": len(matched),
                  "draws_tried": info.get("tried"), "tilt_beta": info.get("tilt_beta"),
                  "overlap_with_condition": info.get("overlap_with_condition"),

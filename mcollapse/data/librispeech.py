@@ -21,6 +21,18 @@ _UTTERANCE_ID = re.compile(r"^(\d+)-(\d+)-(\d+)$")
 CONFLICTING_TRANSCRIPTS = "utterance id with conflicting transcripts"
 
 
+def _transcript_lines(path: Path) -> list[str]:
+    """The lines of a `.trans.txt`; a byte that is not UTF-8 is one line naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(f"{path} line {line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column}); "
+                        "transcripts must be UTF-8 text") from None
+
+
 def _read_transcripts(paths: list[Path], skipped: Counter) -> tuple[dict[str, str], set[str]]:
     """Utterance id -> transcript from every `.trans.txt` (one `<utt-id> <TEXT>` per line).
 
@@ -28,7 +40,7 @@ def _read_transcripts(paths: list[Path], skipped: Counter) -> tuple[dict[str, st
     transcripts: dict[str, str] = {}
     conflicting: set[str] = set()
     for path in paths:
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in _transcript_lines(path):
             if not line.strip():
                 continue
             utt_id, _, text = line.strip().partition(" ")

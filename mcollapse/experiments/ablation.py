@@ -26,7 +26,7 @@ from mcollapse.errors import UserError
 from mcollapse.models.decoder import compose, pad_sequences
 from mcollapse.pipeline.clusters import cluster_labels
 from mcollapse.pipeline.decoder_side import batch_size_of, scored_ids
-from mcollapse.pipeline.mode_edits import cached_pass, cached_constants, start_mode_edits
+from mcollapse.pipeline.mode_edits import cached_constants, cached_pass, start_mode_edits
 from mcollapse.report.decoder_figures import ablation_figure, dose_response_figure, print_ablation_table
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,12 @@ def run(cfg, run_dir: Path) -> dict:
     with rec.stage("statistics"):
         out = summaries(table, plan, clusters, n_resamples=cfg.stats.n_boot, seed=cfg.seed)
     results = out["results"]
+    swap = next(r for r in results if r["condition"] == "swap")
+    if not swap.get("delta_cluster_ci_low", 0) > 0:
+        log.warning("ablation: swapping the whole input does not raise the loss (Δ_swap %.3g, 95 %% CI %.3g to %.3g): "
+                    "the decoder uses nothing sample-specific here, so frac_of_swap is not a fraction of anything",
+                    swap.get("delta_loss", float("nan")), swap.get("delta_cluster_ci_low", float("nan")),
+                    swap.get("delta_cluster_ci_high", float("nan")))
     rows = [rec.row("adapter_output", "-", cfg.seed, metric, value, condition=r["condition"], variant=r["variant"],
                     target=target.name, reduction=target.reduction)
             for r in results for metric, value in r.items()
@@ -128,6 +134,10 @@ def run(cfg, run_dir: Path) -> dict:
                "ms_threshold": alignment.ms_threshold, "rho_normalization": alignment.rho_normalization,
                "empty_conditions": empty, "eigenbasis": basis_source, "eigenbasis_fitted_on": basis.n_samples,
                "mean_loss_baseline": float(np.mean(table[:, 0])), "delta_swap": out["delta_swap"],
+               "delta_swap_ci_low": swap.get("delta_cluster_ci_low"),
+               "delta_swap_ci_high": swap.get("delta_cluster_ci_high"),
+               # frac_of_swap means something only when the swap itself costs: its interval above 0
+               "frac_of_swap_readable": bool(swap.get("delta_cluster_ci_low", 0) > 0),
                "delta_floor": next(r["delta_loss"] for r in results if r["condition"] == "floor"),
                "variants": list(exp.variants), "references": list(REFERENCES), "n_draws": exp.n_draws,
                "dose": exp.dose, "dose_curves": out["dose_curves"], "matched_controls": plan.matched_draws,
@@ -151,7 +161,8 @@ def run(cfg, run_dir: Path) -> dict:
             for r in results:
                 if "variance_share_removed_token" in r and "delta_loss" in r:
                     writer.writerow({"variant": r["variant"], "subspace": r["condition"], "kind": r["class"],
-                                     "n_modes": r.get("n_modes_removed"), "dose_token": r["variance_share_removed_token"],
+                                     "n_modes": r.get("n_modes_removed"),
+                                     "dose_token": r["variance_share_removed_token"],
                                      "dose_pooled": r["variance_share_removed"], "delta_loss": r["delta_loss"]})
         title = f"{cfg.model.name} x {cfg.dataset.name} (target={target.name}, n={len(ids)})"
         ablation_figure(results, run_dir / "ablation.png", title)

@@ -14,7 +14,6 @@ scaled alike.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -41,7 +40,7 @@ from mcollapse.models.roles import hidden_state_name, layer_indices, resolve_hid
 from mcollapse.pipeline.inputs import recorder, selected_records  # noqa: E402
 from mcollapse.pipeline.steering import Steering, ratings  # noqa: E402
 from mcollapse.runtime import release_memory  # noqa: E402
-from mcollapse.store import entry, ids_digest  # noqa: E402
+from mcollapse.store import entry, ids_digest, read_json_object  # noqa: E402
 from mcollapse.store.build import build_once  # noqa: E402
 from mcollapse.store.digest import key as digest_key  # noqa: E402
 
@@ -92,8 +91,8 @@ def _variants(cfg, selection, plan):
               "ids": ids_digest([r.id for r in records]), "attributes": plan, "version": VERSION}
     target = entry(cache_dir, "variants", fields).path
     build_once(target, lambda staging: write_variants(records, plan, staging),
-               lambda p: (p / "unreadable.json").is_file(), "attribute variants")
-    unreadable = json.loads((target / "unreadable.json").read_text())
+               lambda p: (p / "unreadable.json").is_file(), "attribute variants", cache_dir=cache_dir)
+    unreadable = read_json_object(target / "unreadable.json")
     usable = [r for r in records if r.id not in unreadable]
     return variant_records(usable, plan, target), unreadable, digest_key(fields)
 

@@ -21,7 +21,7 @@ from mcollapse.report.lens_tables import lens_tables
 from mcollapse.report.output import RunRecorder
 from mcollapse.report.paper_figures import mode_alignment_grid, probe_trajectories
 from mcollapse.report.paper_tables import paper_tables
-from mcollapse.report.runs import RunSet, load_runs
+from mcollapse.report.runs import RESULTS, RunSet, load_runs
 from mcollapse.report.tables import Table
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,23 @@ def runs_from(cfg) -> RunSet:
     specs = cfg.report.runs
     specs = [str(s) for s in specs] if OmegaConf.is_list(specs) else [str(specs)]
     runs = load_runs(specs)
+    if not runs.runs and runs.unreadable:
+        where, error = runs.unreadable[0]
+        more = f" (and {len(runs.unreadable) - 1} more broken)" if len(runs.unreadable) > 1 else ""
+        raise UserError(f"no readable run under {', '.join(specs)}: {runs.root / where / RESULTS} is broken "
+                        f"({error}){more}")
     if not runs.runs:
         raise UserError(f"no finished run (a dir with results.json) under {', '.join(specs)}")
+    _warn_of_problems(runs)
     return runs
+
+
+def _warn_of_problems(runs: RunSet) -> None:
+    """What the tables will lack, said when the runs are read (report.md and the summary list it too)."""
+    for where, error in runs.unreadable:
+        log.warning("skipping %s: %s", runs.root / where / RESULTS, error)
+    for where, n, why in runs.dropped_rows:
+        log.warning("dropped %d row(s) of %s that no table can read (%s)", n, runs.root / where / RESULTS, why)
 
 
 def build(runs: RunSet, out_dir: Path, inline_rows: int = 15) -> dict:
@@ -57,6 +71,7 @@ def build(runs: RunSet, out_dir: Path, inline_rows: int = 15) -> dict:
     (out_dir / "report.md").write_text(_markdown(runs, tables, figures, missing, inline_rows))
     return {"root": str(runs.root), "n_runs": len(runs.runs),
             "runs_by_experiment": _count_by_experiment(runs), "failed": runs.failed, "unreadable": runs.unreadable,
+            "dropped_rows": runs.dropped_rows,
             "tables": {t.name: {"rows": len(t.rows), "missing": t.missing, **files[t.name]} for t in tables},
             "figures": list(figures), "missing": missing}
 
@@ -74,7 +89,7 @@ def _markdown(runs: RunSet, tables: list[Table], figures: dict, missing: list[st
     lines = [
         "# mcollapse report", "",
         f"{len(runs.runs)} finished run dirs under `{runs.root}` ({counts}); {len(runs.failed)} failed, "
-        f"{len(runs.unreadable)} unreadable. Written {stamp}.", "",
+        f"{len(runs.unreadable)} unreadable; {_dropped_count(runs)} rows dropped. Written {stamp}.", "",
         "Every number sits beside the settings that produced it: `target` is the loss target of decoder "
         "numbers (`content`: the transcript/caption as the answer; `reference`: the earlier code's prompt-token "
         "loss), `probe` the probe preset, `pooling` the pooling; `source` is the run dir it was read from, "
@@ -91,12 +106,17 @@ def _markdown(runs: RunSet, tables: list[Table], figures: dict, missing: list[st
         if table.rows and len(table.rows) <= inline_rows:
             lines += [table.markdown(), ""]
     lines += ["## Missing pieces", ""]
-    if not (missing or runs.failed or runs.unreadable):
+    if not (missing or runs.failed or runs.unreadable or runs.dropped_rows):
         lines.append("Nothing: every table and figure has the runs it needs.")
     lines += [f"- {m}" for m in missing]
     lines += [f"- failed job `{d}`: {e}" for d, e in runs.failed]
     lines += [f"- unreadable results `{d}`: {e}" for d, e in runs.unreadable]
+    lines += [f"- `{d}`: {n} row(s) dropped that no table can read ({why})" for d, n, why in runs.dropped_rows]
     return "\n".join(lines) + "\n"
+
+
+def _dropped_count(runs: RunSet) -> int:
+    return sum(n for _, n, _ in runs.dropped_rows)
 
 
 def _print(summary: dict, out_dir: Path) -> None:
@@ -110,6 +130,10 @@ def _print(summary: dict, out_dir: Path) -> None:
     console.print(table)
     if summary["failed"]:
         console.print(f"[red]{len(summary['failed'])} failed job(s)[/red], listed in report.md")
+    if summary["unreadable"] or summary["dropped_rows"]:
+        dropped = sum(n for _, n, _ in summary["dropped_rows"])
+        console.print(f"[red]{len(summary['unreadable'])} unreadable results, {dropped} dropped row(s)[/red], "
+                      "listed in report.md")
     console.print(f"report: {out_dir / 'report.md'}")
 
 
@@ -121,7 +145,7 @@ def run(cfg, run_dir: Path) -> dict:
     with rec.stage("tables_and_figures"):
         summary = build(runs, run_dir, cfg.report.inline_rows)
     rec.counts.update({"n_runs": summary["n_runs"], "n_failed": len(runs.failed),
-                       "n_unreadable": len(runs.unreadable)})
+                       "n_unreadable": len(runs.unreadable), "n_rows_dropped": _dropped_count(runs)})
     rows = [rec.row("-", "-", None, "rows", info["rows"], table=name) for name, info in summary["tables"].items()]
     rec.write(rows, summary)
     _print(summary, run_dir)

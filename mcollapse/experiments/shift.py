@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ def other_model_config(cfg):
     if exp.other_model:
         from mcollapse.cli import config_dir
 
-        other = text_model_config(exp.other_model, Path(config_dir()))
+        other = text_model_config(exp.other_model, Path(config_dir()), "experiment.other_model")
     else:
         other = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
         other.lora = None
@@ -57,15 +58,32 @@ def _sae_site(exp, n_layers: int):
         raise UserError("experiment.sae.layer must say which block's output the SAE was trained on (0-based)")
     if not 0 <= exp.sae.layer < n_layers:
         raise UserError(f"experiment.sae.layer {exp.sae.layer} is out of range: the LLM has {n_layers} blocks")
+    path = sae_file(exp.sae.path)
     try:
-        sae = load_sae(exp.sae.path)
-    except (OSError, ValueError) as err:
-        raise UserError(f"experiment.sae.path: {err}") from None
+        sae = load_sae(path)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise UserError(f"experiment.sae.path {path}: not a readable SAE archive ({err})") from None
     return sae, exp.sae.layer + 1
+
+
+def sae_file(spec) -> Path:
+    """The params.npz `experiment.sae.path` names. Anything but a zip archive is refused here: numpy
+    would take it for pickled data and suggest loading it unsafely, which a downloaded file never needs."""
+    path = Path(str(spec)).expanduser()
+    if path.is_dir():
+        path = path / "params.npz"
+    if not path.is_file():
+        raise UserError(f"experiment.sae.path {path} does not exist (give a params.npz or its directory)")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"experiment.sae.path {path} is not an .npz archive (a Gemma Scope params.npz with "
+                        "W_enc, b_enc, threshold, W_dec, b_dec); the file is damaged or of another kind")
+    return path
 
 
 def run(cfg, run_dir: Path) -> dict:
     exp = cfg.experiment
+    if exp.sae.path:
+        sae_file(exp.sae.path)  # a bad file fails before any model is loaded
     rec = recorder(cfg, run_dir)
     selection = selected_records(cfg, rec)
     records = [r for r in selection.records if (r.text or "").strip()]

@@ -33,6 +33,16 @@ def _check(exp) -> None:
         raise UserError("experiment.steps must be positive layer offsets")
 
 
+MIN_ITEMS = 2
+
+
+def _enough_items(n: int, which: str) -> None:
+    """Similarities between items need two of them: with one, every spread and the intra halves are
+    NaN, and the run would end as if it had measured something."""
+    if n < MIN_ITEMS:
+        raise UserError(f"similarity needs at least {MIN_ITEMS} samples, {n} {which}: raise dataset.max_samples")
+
+
 def _pair_matrices(a_pooled, b_pooled, a_tokens, b_tokens, poolings) -> dict[str, np.ndarray]:
     out = {}
     if "pooled" in poolings:
@@ -104,6 +114,7 @@ def run(cfg, run_dir: Path) -> dict:
     _check(exp)
     rec = recorder(cfg, run_dir)
     selection = selected_records(cfg, rec)
+    _enough_items(len(selection.records), "selected")
     entries = [(str(cfg.model.name), None)] + [comparison_model(cfg, spec) for spec in exp.compare]
     names = [name for name, _ in entries]
     if len(set(names)) != len(names):
@@ -112,6 +123,7 @@ def run(cfg, run_dir: Path) -> dict:
     for n_entry, (name, model_cfg) in enumerate(entries):
         inputs = layer_inputs(cfg, rec, selection, model_cfg=model_cfg, name=name)
         tokens = inputs.tokens
+        _enough_items(len(tokens.ids), f"usable for '{name}' (the others were skipped)")
         scores = ima_scores(tokens, exp.pairings)
         summary["ima"][name] = {p: v["score"] for p, v in scores.items()}
         curves[name] = scores

@@ -39,7 +39,7 @@ from mcollapse.extraction.sequences import adapter_sequences
 from mcollapse.models import load_model
 from mcollapse.models.adapter_train import BEST_DIR, CHECKPOINTS_DIR, Example, ProjectorTrainer, evaluate, project
 from mcollapse.models.decoder import Decoder
-from mcollapse.models.projector import WEIGHTS_FILE, load_projector, projector_module
+from mcollapse.models.projector import WEIGHTS_FILE, load_projector_file, projector_module
 from mcollapse.pipeline.decoder_side import candidate_scores
 from mcollapse.pipeline.inputs import recorder
 from mcollapse.report.decoder_figures import print_metrics
@@ -93,6 +93,29 @@ def check_disjoint(splits: dict, modality: str) -> dict:
             raise UserError(f"the training split shares {', '.join(f'{v} {k}' for k, v in leaks.items())} with the "
                             f"{name} split: held-out numbers would not be held out")
     return found
+
+
+SPLIT_SETTINGS = {"train": "experiment.train_split", "dev": "experiment.dev_split", "eval": "dataset.parts"}
+
+
+def require_usable(name: str, sequences, dataset_name: str) -> None:
+    """Every split needs a usable sample: an empty training split cannot train, and an empty dev or
+    held-out split would report a loss of 0 that nothing measured."""
+    if sequences.ids:
+        return
+    first = next(iter(sequences.skipped.values()), "none was selected")
+    raise UserError(f"the {name} split ({SPLIT_SETTINGS[name]}: '{dataset_name}') has no usable sample: "
+                    f"{len(sequences.skipped)} skipped, first {first}")
+
+
+def best_weights(state_dir: Path) -> Path:
+    """The best step's projector file in the training state; gone (a pruned or damaged store) it is
+    named, not blamed on model.projector, which this command does not set."""
+    path = state_dir / BEST_DIR / WEIGHTS_FILE
+    if not path.is_file():
+        raise UserError(f"the best projector weights {path} are missing from the training state; delete "
+                        f"{state_dir} to train again")
+    return path
 
 
 def examples_of(family, sequences, records) -> list[Example]:
@@ -176,10 +199,11 @@ def run(cfg, run_dir: Path) -> dict:
         sequences = {name: adapter_sequences(family, records, info, cache_dir, cfg.strict, identity,
                                              role="encoder_output")
                      for name, (records, info) in splits.items()}
-    examples = {name: examples_of(family, sequences[name], splits[name][0]) for name in splits}
     for name, seq in sequences.items():
         rec.counts[f"n_{name}"] = len(seq.ids)
         rec.counts[f"{name}_skipped"] = seq.skipped
+        require_usable(name, seq, splits[name][1]["name"])
+    examples = {name: examples_of(family, sequences[name], splits[name][0]) for name in splits}
     decoder = Decoder(family)
     settings = {k: exp[k] for k in ("lr", "weight_decay", "warmup_steps", "max_steps", "min_lr_ratio",
                                     "batch_size", "max_grad_norm", "eval_every", "checkpoint_every", "patience",
@@ -193,14 +217,15 @@ def run(cfg, run_dir: Path) -> dict:
     n_parameters = sum(p.numel() for p in trainer.trainable)
     with state.lock(), rec.stage("train"):
         outcome = trainer.fit(examples["train"], examples["dev"], exp.max_minutes)
-    load_projector(projector, str(state.path / BEST_DIR / WEIGHTS_FILE))
+    best = best_weights(state.path)
+    load_projector_file(projector, best)
     projector.eval()
     metrics, samples = heldout_metrics(cfg, family, decoder, projector, examples["eval"], splits["eval"][0],
                                        trainer, rec)
 
     check = check_record(cfg, family, decoder, projector, examples["eval"][:N_CHECK], eval_batch)
     with rec.stage("report"):
-        shutil.copyfile(state.path / BEST_DIR / WEIGHTS_FILE, run_dir / WEIGHTS_FILE)
+        shutil.copyfile(best, run_dir / WEIGHTS_FILE)
         for step in outcome.checkpoints:
             name = f"step-{step:06d}"
             (run_dir / CHECKPOINTS_DIR / name).mkdir(parents=True, exist_ok=True)

@@ -70,14 +70,16 @@ def run(cfg, run_dir: Path) -> dict:
     allow_missing = cfg.verify.allow_missing
     failing = [o for o in outcomes if o.failed and not (allow_missing and o.status == MISSING)]
     counts = {status: sum(o.status == status for o in outcomes) for status in {o.status for o in outcomes}}
-    rec.counts.update({"n_checks": len(outcomes), **counts, "n_failing": len(failing), "n_runs": len(runs.runs)})
+    rec.counts.update({"n_checks": len(outcomes), **counts, "n_failing": len(failing), "n_runs": len(runs.runs),
+                       "n_unreadable": len(runs.unreadable), "n_rows_dropped": sum(n for _, n, _ in runs.dropped_rows)})
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(outcomes, run_dir / "verify.csv")
     rows = [rec.row("-", "-", None, o.check.name, o.actual, status=o.status, wanted=o.check.wanted(),
                     table=o.check.table, column=o.check.column, source=o.source, detail=o.detail) for o in outcomes]
     summary = {"expected": str(path), "name": expectations.name, "runs_root": str(runs.root),
                "n_checks": len(outcomes), "by_status": counts, "n_failing": len(failing),
-               "allow_missing": allow_missing, "passed": not failing}
+               "allow_missing": allow_missing, "passed": not failing, "unreadable": runs.unreadable,
+               "dropped_rows": runs.dropped_rows}
     rec.write(rows, summary)
     _print(outcomes, f"verify: {expectations.name} ({len(outcomes)} checks) against {runs.root}")
     checked = sum(o.status in (PASS, FAIL) for o in outcomes)

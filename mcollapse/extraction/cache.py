@@ -40,6 +40,7 @@ from mcollapse.store.atomic import TMP_PREFIX as _TMP_PREFIX
 from mcollapse.store.atomic import publish as _publish
 from mcollapse.store.digest import FORMAT_VERSION
 from mcollapse.store.lock import is_read_only_error, read_only
+from mcollapse.store.space import ensure_space, full_disk_in_one_line
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,22 @@ def _contiguous_runs(positions: np.ndarray) -> Iterator[tuple[int, int, int]]:
     stops = np.concatenate((breaks, [len(positions)]))
     for start, stop in zip(starts.tolist(), stops.tolist()):
         yield int(positions[start]), start, stop
+
+
+@contextlib.contextmanager
+def _h5_written(tmp_path: Path, final_path: Path, needed: int, **options) -> Iterator[h5py.File]:
+    """An HDF5 file written at `tmp_path` and published as `final_path`, or nothing (the temporary
+    removed). The free space is checked first and a full disk ends in one line; the shards already
+    published stay, so a re-run resumes."""
+    ensure_space(final_path, needed)
+    try:
+        with full_disk_in_one_line(final_path, needed):
+            with h5py.File(tmp_path, "w", locking=False, **options) as f:
+                yield f
+            _publish(tmp_path, final_path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
 
 
 class UnknownHooks(KeyError):
@@ -171,8 +188,8 @@ class ActivationStore:
         """Record what this entry is; refuse to mix two sample selections under one key."""
         entry_path = self.path / _ENTRY_NAME
         digest = store.ids_digest(self._ids)
-        if entry_path.exists():
-            recorded = json.loads(entry_path.read_text())
+        recorded = self._entry.read_or_quarantine(entry_path, store.read_json_object)
+        if recorded is not None:
             if recorded.get("ids_digest", digest) != digest:
                 raise ValueError(
                     f"activation cache entry {self.key} was created for a different list of sample "
@@ -359,7 +376,8 @@ class ActivationStore:
         tmp_path = self._shard_dir / f"{_TMP_PREFIX}{stem}"
         shard_path = self._shard_dir / f"{_SHARD_PREFIX}{stem}"
         hooks = list(self._buffer_vectors)
-        with h5py.File(tmp_path, "w", locking=False) as f:
+        needed = sum(a.nbytes for arrays in self._buffer_vectors.values() for a in arrays)
+        with _h5_written(tmp_path, shard_path, needed) as f:
             f.attrs["hooks"] = json.dumps(hooks)
             _string_dataset(f, "ids", self._buffer_ids)
             group = f.create_group("vectors")
@@ -367,7 +385,6 @@ class ActivationStore:
                 group.create_dataset(hook, data=np.concatenate(self._buffer_vectors[hook]))
             _string_dataset(f, "skipped_ids", list(self._buffer_skipped))
             _string_dataset(f, "skipped_reasons", list(self._buffer_skipped.values()))
-        _publish(tmp_path, shard_path)
 
         self._shards[shard_path.name] = _Shard(
             path=shard_path, ids=list(self._buffer_ids), skipped=dict(self._buffer_skipped)
@@ -402,7 +419,8 @@ class ActivationStore:
         hooks = list(self._hook_dims)
 
         tmp_path = self.path / f"{_TMP_PREFIX}{uuid.uuid4().hex}-{_FINAL_NAME}"
-        with h5py.File(tmp_path, "w", locking=False, rdcc_nbytes=_CHUNK_CACHE_BYTES) as f:
+        needed = 4 * len(present) * sum(self._hook_dims.values())
+        with _h5_written(tmp_path, self._final_path, needed, rdcc_nbytes=_CHUNK_CACHE_BYTES) as f:
             f.attrs["key"] = self.key
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["key_fields"] = store.canonical_json(self.key_fields)
@@ -433,7 +451,6 @@ class ActivationStore:
                         rows = source["vectors"][hook][()][source_rows]
                         for first, start, stop in _contiguous_runs(targets):
                             outputs[hook][first : first + stop - start] = rows[start:stop]
-        _publish(tmp_path, self._final_path)
         shutil.rmtree(self._shard_dir, ignore_errors=True)
         self._shards.clear()
 

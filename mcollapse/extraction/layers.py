@@ -33,7 +33,7 @@ from mcollapse.extraction.hooks import capture
 from mcollapse.models.base import ModelFamily
 from mcollapse.models.roles import HookTarget, _path_of, find_text_backbone
 from mcollapse.progress import progress_bar
-from mcollapse.store import entry, ids_digest, texts_digest, write_npz
+from mcollapse.store import Unreadable, entry, ids_digest, read_npz, texts_digest, write_npz
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +143,11 @@ def extract_layer_tokens(family: ModelFamily, records: list[Record], dataset: di
     fields = layer_tokens_key(family, dataset, records, text_pass, max_tokens, seed)
     found = entry(cache_dir, "layer_tokens", fields, suffix=".npz")
     with found.lock():
-        if found.path.is_file():
-            try:
-                served = _read(found.path)
-                served.key = found.key
-                log.info("layer tokens served from cache %s", found.key)
-                return served
-            except (OSError, ValueError, KeyError) as err:
-                found.quarantine(found.path, err)
+        served = found.read_or_quarantine(found.path, _read)
+        if served is not None:
+            served.key = found.key
+            log.info("layer tokens served from cache %s", found.key)
+            return served
         result = _compute(family, records, text_pass, max_tokens, seed, strict, batch_size or family.cfg.batch_size)
         result.key = found.key
         _write(found.path, result)
@@ -213,12 +210,17 @@ def _write(path: Path, result: LayerTokens) -> None:
 
 
 def _read(path: Path) -> LayerTokens:
-    with np.load(path, allow_pickle=False) as data:
-        ids = [str(i) for i in data["ids"]]
-        skipped = dict(zip((str(i) for i in data["skipped_ids"]), (str(r) for r in data["skipped_reasons"])))
-        pooled = {s: data[f"pooled_{s}"] for s in SIDES}
-        tokens = {s: data[f"tokens_{s}"] for s in SIDES}
-        offsets = {s: data[f"offsets_{s}"] for s in SIDES}
+    """The stored layer tokens; a truncated file, or one whose arrays do not fit together, is `Unreadable`."""
+    data = read_npz(path)
+    missing = {"ids", "skipped_ids", "skipped_reasons",
+               *(f"{array}_{s}" for array in ("pooled", "tokens", "offsets") for s in SIDES)} - set(data)
+    if missing:
+        raise Unreadable(path, f"lacks {', '.join(sorted(missing))}")
+    ids = [str(i) for i in data["ids"]]
+    skipped = dict(zip((str(i) for i in data["skipped_ids"]), (str(r) for r in data["skipped_reasons"])))
+    pooled = {s: data[f"pooled_{s}"] for s in SIDES}
+    tokens = {s: data[f"tokens_{s}"] for s in SIDES}
+    offsets = {s: data[f"offsets_{s}"] for s in SIDES}
     if any(len(pooled[s]) != len(ids) or len(offsets[s]) != len(ids) + 1 for s in SIDES):
-        raise ValueError("layer-token arrays do not match their ids")
+        raise Unreadable(path, "layer-token arrays do not match their ids")
     return LayerTokens(ids, pooled, tokens, offsets, skipped)

@@ -14,9 +14,7 @@ sample, or ``<sha>.skip.json`` for a sample whose media could not be read.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +55,13 @@ class Sequences:
                          dict(self.skipped))
 
 
+def _skip_reason(path: Path) -> str:
+    reason = cache_store.read_json_object(path).get("reason")
+    if not isinstance(reason, str):
+        raise cache_store.Unreadable(path, "no skip reason recorded")
+    return reason
+
+
 class SequenceStore:
     def __init__(self, cache_dir: Path, key_fields: dict):
         self.entry = cache_store.entry(cache_dir, "sequences", {**key_fields, "kind": "adapter_sequences"})
@@ -75,18 +80,11 @@ class SequenceStore:
 
     def get(self, sample_id: str) -> np.ndarray | None:
         """The stored output, or None: absent, or unreadable (then moved aside, to be recomputed)."""
-        path = self._stem(sample_id).with_suffix(".npy")
-        if not path.exists():
-            return None
-        try:
-            return np.load(path)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-            self.entry.quarantine(path, error)
-            return None
+        return self.entry.read_or_quarantine(self._stem(sample_id).with_suffix(".npy"), cache_store.read_npy)
 
     def skip_reason(self, sample_id: str) -> str | None:
-        path = self._stem(sample_id).with_suffix(".skip.json")
-        return json.loads(path.read_text())["reason"] if path.exists() else None
+        """Why the sample gave no output, or None: none recorded, or unreadable (moved aside, tried again)."""
+        return self.entry.read_or_quarantine(self._stem(sample_id).with_suffix(".skip.json"), _skip_reason)
 
     def put(self, sample_id: str, array: np.ndarray) -> None:
         if not np.all(np.isfinite(array)):

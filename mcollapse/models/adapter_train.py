@@ -30,9 +30,13 @@ from torch import nn
 from mcollapse.models.decoder import Decoder, compose, pad_sequences
 from mcollapse.models.projector import WEIGHTS_FILE, save_projector
 from mcollapse.progress import progress_bar
-from mcollapse.store import atomic_path
+from mcollapse.store.checked import read_training_state
+from mcollapse.store.entry import cache_dir_of, read_or_quarantine
+from mcollapse.store.space import save_torch
 
 log = logging.getLogger(__name__)
+
+STATE_KEYS = ("projector", "optimizer", "schedule", "outcome")  # what a readable state.pt holds
 
 STATE_FILE = "state.pt"
 BEST_DIR = "best"
@@ -242,14 +246,14 @@ class ProjectorTrainer:
                  "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
                  "outcome": {k: v for k, v in vars(outcome).items() if k != "resumed_at_step"}}
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.state_dir / STATE_FILE) as tmp:
-            torch.save(state, tmp)
+        save_torch(state, self.state_dir / STATE_FILE)  # atomic; a full disk is one line
 
     def _resume(self) -> Outcome:
         path = self.state_dir / STATE_FILE
-        if not path.is_file():
+        state = read_or_quarantine(cache_dir_of(self.state_dir, "projectors"), path,
+                                   lambda p: read_training_state(p, STATE_KEYS, "cpu"))
+        if state is None:  # none yet, or unreadable (moved aside): training starts over
             return Outcome()
-        state = torch.load(path, map_location="cpu", weights_only=False)
         self.projector.load_state_dict(state["projector"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])

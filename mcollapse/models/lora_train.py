@@ -20,11 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mcollapse.errors import UserError
 from mcollapse.models.decoder import Decoder, compose, pad_sequences
 from mcollapse.progress import progress_bar
-from mcollapse.store import atomic_path, publish_dir
+from mcollapse.store import publish_dir
+from mcollapse.store.checked import Unreadable, check_safetensors, read_training_state
+from mcollapse.store.entry import cache_dir_of, read_or_quarantine
+from mcollapse.store.space import save_torch
 
 log = logging.getLogger(__name__)
+
+STATE_KEYS = ("adapter", "optimizer", "outcome")  # what a readable state.pt holds
 
 STATE_FILE = "state.pt"
 BEST_DIR = "best"
@@ -145,8 +151,7 @@ class Trainer:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         state = {"adapter": get_peft_model_state_dict(self.model), "optimizer": self.optimizer.state_dict(),
                  "outcome": {k: v for k, v in vars(outcome).items() if k != "resumed_at_epoch"}}
-        with atomic_path(self.state_dir / STATE_FILE) as tmp:
-            torch.save(state, tmp)
+        save_torch(state, self.state_dir / STATE_FILE)  # atomic; a full disk is one line
 
     def _save_best(self) -> None:
         publish_dir(self.state_dir / BEST_DIR, lambda staging: self.model.save_pretrained(str(staging)))
@@ -155,9 +160,10 @@ class Trainer:
         from peft import set_peft_model_state_dict
 
         path = self.state_dir / STATE_FILE
-        if not path.is_file():
+        state = read_or_quarantine(cache_dir_of(self.state_dir, "lora"), path,
+                                   lambda p: read_training_state(p, STATE_KEYS, self.decoder.device))
+        if state is None:  # none yet, or unreadable (moved aside): training starts over
             return Outcome()
-        state = torch.load(path, map_location=self.decoder.device, weights_only=False)
         set_peft_model_state_dict(self.model, state["adapter"])
         self.optimizer.load_state_dict(state["optimizer"])
         outcome = Outcome(**state["outcome"])
@@ -171,8 +177,13 @@ class Trainer:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        weights = load_file(str(self.state_dir / BEST_DIR / "adapter_model.safetensors"),
-                            device=str(self.decoder.device))
+        path = self.state_dir / BEST_DIR / "adapter_model.safetensors"
+        try:
+            check_safetensors(path)
+        except Unreadable as broken:
+            raise UserError(f"the best LoRA epoch {path} is unreadable ({broken.reason}): delete {self.state_dir} "
+                            "and re-run to train again") from None
+        weights = load_file(str(path), device=str(self.decoder.device))
         set_peft_model_state_dict(self.model, weights)
         self.model.eval()
 

@@ -56,17 +56,36 @@ def projector_module(model: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.
 
 
 def load_projector(module: nn.Module, spec: str) -> None:
-    """Copy the weights into `module`; every tensor must match a parameter by name and shape."""
+    """Copy the weights `model.projector` names into `module` (see `load_projector_file`)."""
+    load_projector_file(module, projector_path(spec))
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; an empty, truncated or foreign file is one line naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = projector_path(spec)
-    state = load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"projector weights {path} are unreadable ({err}): not a complete safetensors file; "
+                        "copy it again or point at another checkpoint") from None
+
+
+def load_projector_file(module: nn.Module, path: Path) -> None:
+    """Copy the weights in `path` into `module`; every tensor must match a parameter by name and shape
+    and be finite (NaN weights would otherwise surface later as NaN activations, blamed on the samples)."""
+    state = read_weights(path)
     own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     wrong = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
     if missing or unexpected or wrong:
         raise UserError(f"projector weights {path} do not fit this model's projector "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {sorted(wrong)[:3]})")
+    not_finite = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if not_finite:
+        raise UserError(f"projector weights {path} hold NaN or infinite values (in {', '.join(not_finite[:3])}): "
+                        "the file is broken, not the samples")
     with torch.no_grad():
         for name, tensor in own.items():
             tensor.copy_(state[name].to(dtype=tensor.dtype))

@@ -37,7 +37,7 @@ from mcollapse.models.decoder import Decoder, compose, pad_sequences
 from mcollapse.pipeline.inputs import Selection
 from mcollapse.progress import progress_bar
 from mcollapse.report.output import RunRecorder
-from mcollapse.store import entry, ids_digest, sharded_pass, texts_digest
+from mcollapse.store import Unreadable, entry, ids_digest, read_npz, sharded_pass, texts_digest
 
 log = logging.getLogger(__name__)
 
@@ -205,13 +205,8 @@ def modes(inputs: DecoderInputs, rec: RunRecorder, n_modes: int, ms_threshold: f
                    "thresholds": [float(t) for t in thresholds], "rho_normalization": rho_normalization},
                   suffix=".npz")
     key, path = found.key, found.path
-    basis = alignment = None
     with rec.stage("modes"):
-        if path.is_file():
-            try:
-                basis, alignment, _ = load_basis(path)
-            except UserError as error:  # unreadable: moved aside and computed again
-                found.quarantine(path, error)
+        basis, alignment = found.read_or_quarantine(path, _read_basis) or (None, None)
         if basis is None:
             with found.lock():
                 if not path.is_file():  # else another job saved it while this one waited
@@ -229,6 +224,18 @@ def modes(inputs: DecoderInputs, rec: RunRecorder, n_modes: int, ms_threshold: f
         log.warning("no mode is %s (rho_normalization=%s, ms_threshold=%g): controls built on %s modes are empty",
                     name, rho_normalization, ms_threshold, name)
     return Modes(basis, alignment, path, key, text_ids)
+
+
+def _read_basis(path: Path) -> tuple[Eigenbasis, ModeAlignment]:
+    """A cached basis and its alignment; a truncated file or one of another format is `Unreadable`."""
+    read_npz(path)  # every array readable, or Unreadable
+    try:
+        basis, alignment, _ = load_basis(path)
+    except UserError as error:
+        raise Unreadable(path, str(error)) from None
+    if alignment is None:
+        raise Unreadable(path, "no mode alignment stored")
+    return basis, alignment
 
 
 def shared_modes(cfg, inputs: DecoderInputs, rec: RunRecorder) -> Modes:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mcollapse.config import ModelConfig
+from mcollapse.config import TEXT_SOURCE, ModelConfig, model_option
 from mcollapse.data import load_records, select
 from mcollapse.data.base import Record
 from mcollapse.errors import UserError
@@ -56,13 +56,10 @@ def selected_records(cfg, rec: RunRecorder) -> Selection:
     return Selection(chosen, info["fingerprint"], digest)
 
 
-def text_model_config(name: str, conf_dir: Path):
-    """A model option file by name, for the text baseline (loaded beside the run's model)."""
-    path = conf_dir / "model" / f"{name}.yaml"
-    if not path.is_file():
-        choices = sorted(p.stem for p in (conf_dir / "model").glob("*.yaml"))
-        raise UserError(f"text.source '{name}' is not a model config ({', '.join(choices)}, self, none)")
-    loaded = OmegaConf.load(path)
+def text_model_config(name: str, conf_dir: Path, setting: str = TEXT_SOURCE):
+    """A model option file by name, loaded beside the run's model (the text baseline, another model
+    to compare); an unknown name is refused naming `setting`, the setting that gave it."""
+    loaded = OmegaConf.load(model_option(name, setting, conf_dir))
     loaded.pop("defaults", None)
     return OmegaConf.merge(OmegaConf.structured(ModelConfig), loaded)
 

@@ -38,7 +38,8 @@ def comparison_model(cfg, spec) -> tuple[str, object]:
     unknown = set(spec) - {"name", "model", "projector"}
     if unknown:
         raise UserError(f"experiment.compare entry has unknown fields {sorted(unknown)} (name, model, projector)")
-    model_cfg = text_model_config(spec["model"], Path(config_dir())) if spec.get("model") else cfg.model.copy()
+    model_cfg = text_model_config(spec["model"], Path(config_dir()), "experiment.compare entry's model") \
+        if spec.get("model") else cfg.model.copy()
     if "projector" in spec:
         with open_dict(model_cfg):
             model_cfg.projector = spec["projector"]

@@ -18,7 +18,7 @@ def other_model_config(name: str, overrides: dict | None):
     """The model config `name` (conf/model/<name>.yaml) with `overrides` merged (e.g. lora=<dir>)."""
     from mcollapse.cli import config_dir
 
-    model_cfg = text_model_config(name, Path(config_dir()))
+    model_cfg = text_model_config(name, Path(config_dir()), "experiment.other_model")
     if overrides:
         with open_dict(model_cfg):
             model_cfg = OmegaConf.merge(model_cfg, OmegaConf.create(dict(overrides)))

@@ -123,8 +123,9 @@ def ablation_figure(results: list[dict], path: Path, title: str) -> None:
         xs = [i + (v - (len(variants) - 1) / 2) * width for i, n in enumerate(names) if n in by]
         swap = [by[n]["delta_swap_same_samples"] for n in names if n in by]
         ys = [by[n]["frac_of_swap"] for n in names if n in by]
-        low = [max(y - by[n]["delta_cluster_ci_low"] / s, 0) if s else 0 for y, n, s in zip(ys, [n for n in names if n in by], swap)]
-        high = [max(by[n]["delta_cluster_ci_high"] / s - y, 0) if s else 0 for y, n, s in zip(ys, [n for n in names if n in by], swap)]
+        present = [n for n in names if n in by]
+        low = [max(y - by[n]["delta_cluster_ci_low"] / s, 0) if s else 0 for y, n, s in zip(ys, present, swap)]
+        high = [max(by[n]["delta_cluster_ci_high"] / s - y, 0) if s else 0 for y, n, s in zip(ys, present, swap)]
         ax.bar(xs, ys, width=width * 0.95, color=colors[v % len(colors)], label=variant, yerr=[low, high], capsize=2)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.axhline(1, color="black", linewidth=0.8, linestyle="--")
@@ -185,7 +186,8 @@ def print_ablation_table(results: list[dict], title: str) -> None:
         table.add_row(r["variant"], r["condition"], str(r.get("n_modes_removed", "")),
                       f"{r['variance_share_removed']:.1%}" if "variance_share_removed" in r else "",
                       f"{r['variance_share_removed_token']:.1%}" if "variance_share_removed_token" in r else "",
-                      f"{r['delta_loss']:+.4g}", f"[{r['delta_cluster_ci_low']:+.3g}, {r['delta_cluster_ci_high']:+.3g}]",
+                      f"{r['delta_loss']:+.4g}",
+                      f"[{r['delta_cluster_ci_low']:+.3g}, {r['delta_cluster_ci_high']:+.3g}]",
                       f"{r['frac_of_swap']:.3g}", beyond, f"{r['t']:.2f}", f"{r['p']:.3g}", str(r["n"]))
     Console(width=170).print(table)
 

@@ -94,18 +94,48 @@ def expected_file(spec: str, config_dir: Path) -> Path:
     return shipped
 
 
-def _check(entry: dict, where_default: dict, origin: str) -> Check:
+def _list(value, origin: str) -> list:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise UserError(f"{origin}: must be a list, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _mapping(value, origin: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{origin}: must be a mapping (key: value), got {type(value).__name__} {value!r}")
+    return value
+
+
+def _number_field(entry: dict, key: str, origin: str) -> float | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{origin}: '{key}' must be a number, got {value!r}") from None
+
+
+def _check(entry, where_default: dict, origin: str) -> Check:
+    entry = _mapping(entry, origin)
     known = {"name", "table", "where", "column", "expected", "tol", "rel_tol", "min", "max", "note"}
     unknown = set(entry) - known
     if unknown:
-        raise UserError(f"{origin}: unknown key(s) {', '.join(sorted(unknown))} (allowed: {', '.join(sorted(known))})")
+        raise UserError(f"{origin}: unknown key(s) {', '.join(sorted(map(str, unknown)))} "
+                        f"(allowed: {', '.join(sorted(known))})")
     for key in ("name", "table", "column"):
         if not entry.get(key):
             raise UserError(f"{origin}: a check needs '{key}'")
     check = Check(name=str(entry["name"]), table=str(entry["table"]),
-                  where={**where_default, **(entry.get("where") or {})}, column=str(entry["column"]),
-                  **{k: float(entry[k]) if entry.get(k) is not None else None
-                     for k in ("expected", "tol", "rel_tol", "min", "max")},
+                  where={**where_default, **_mapping(entry.get("where"), f"{origin} where")},
+                  column=str(entry["column"]),
+                  **{k: _number_field(entry, k, origin) for k in ("expected", "tol", "rel_tol", "min", "max")},
                   note=str(entry.get("note", "")))
     if check.expected is None and check.min is None and check.max is None:
         raise UserError(f"{origin}: check '{check.name}' needs 'expected' (with 'tol' or 'rel_tol') or 'min'/'max'")
@@ -114,7 +144,38 @@ def _check(entry: dict, where_default: dict, origin: str) -> Check:
     return check
 
 
+def _grid_checks(grid, origin: str) -> list[Check]:
+    """The checks of one grid: a row of expected values per table row, one per column."""
+    grid = _mapping(grid, origin)
+    if not grid.get("table"):
+        raise UserError(f"{origin}: a grid needs 'table'")
+    columns = _list(grid.get("columns"), f"{origin} columns")
+    where_default = _mapping(grid.get("where"), f"{origin} where")
+    checks = []
+    for r, row in enumerate(_list(grid.get("rows"), f"{origin} rows")):
+        row = _mapping(row, f"{origin} rows[{r}]")
+        values = _list(row.get("expected"), f"{origin} rows[{r}] expected")
+        if len(values) != len(columns):
+            raise UserError(f"{origin} rows[{r}]: {len(values)} values for {len(columns)} columns")
+        where = {k: v for k, v in row.items() if k not in ("expected", "name")}
+        label = row.get("name") or "/".join(str(v) for v in where.values())
+        for column, value in zip(columns, values):
+            if value is None:
+                continue
+            entry = {"name": f"{grid.get('name', grid['table'])}: {label} {column}", "table": grid["table"],
+                     "where": where, "column": column, "expected": value, "note": grid.get("note", "")}
+            for key in ("tol", "rel_tol"):  # one value for the grid, or one per column
+                value = grid.get(key)
+                if isinstance(value, dict):
+                    value = value.get(column)
+                if value is not None:
+                    entry[key] = value
+            checks.append(_check(entry, where_default, f"{origin} rows[{r}]"))
+    return checks
+
+
 def load_expectations(path: Path) -> Expectations:
+    """Every check of an expected-value file; a file of the wrong shape is one line saying where."""
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as err:  # noqa: BLE001 - any YAML problem is the user's file
@@ -122,28 +183,10 @@ def load_expectations(path: Path) -> Expectations:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping with 'checks' and/or 'grids'")
     checks = []
-    for g, grid in enumerate(raw.get("grids") or []):
-        origin = f"{path.name} grids[{g}]"
-        columns = grid.get("columns") or []
-        for r, row in enumerate(grid.get("rows") or []):
-            values = row.get("expected") or []
-            if len(values) != len(columns):
-                raise UserError(f"{origin} rows[{r}]: {len(values)} values for {len(columns)} columns")
-            where = {k: v for k, v in row.items() if k not in ("expected", "name")}
-            label = row.get("name") or "/".join(str(v) for v in where.values())
-            for column, value in zip(columns, values):
-                if value is None:
-                    continue
-                entry = {"name": f"{grid.get('name', grid['table'])}: {label} {column}", "table": grid["table"],
-                         "where": where, "column": column, "expected": value, "note": grid.get("note", "")}
-                for key in ("tol", "rel_tol"):  # one value for the grid, or one per column
-                    value = grid.get(key)
-                    if isinstance(value, dict):
-                        value = value.get(column)
-                    if value is not None:
-                        entry[key] = value
-                checks.append(_check(entry, grid.get("where") or {}, f"{origin} rows[{r}]"))
-    checks += [_check(entry, {}, f"{path.name} checks[{i}]") for i, entry in enumerate(raw.get("checks") or [])]
+    for g, grid in enumerate(_list(raw.get("grids"), f"{path.name} grids")):
+        checks += _grid_checks(grid, f"{path.name} grids[{g}]")
+    checks += [_check(entry, {}, f"{path.name} checks[{i}]")
+               for i, entry in enumerate(_list(raw.get("checks"), f"{path.name} checks"))]
     if not checks:
         raise UserError(f"{path}: no checks")
     return Expectations(str(raw.get("name", path.stem)), str(raw.get("description", "")), checks)

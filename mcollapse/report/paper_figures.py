@@ -24,6 +24,11 @@ def _grid(n: int, width: float = 4.6, height: float = 3.6):
     return fig, list(axes.flat[:n])
 
 
+def _nan_if_none(value):
+    """A spread over one split is None; matplotlib draws no bar for NaN but refuses None."""
+    return float("nan") if value is None else value
+
+
 def probe_trajectories(groups: list[dict], path: Path) -> bool:
     """Fig. 1: modal probe accuracy across the four hooks, a line per dataset x info type, per model.
     Rows of other probe presets / poolings get their own panels. Returns False when there is nothing."""
@@ -38,8 +43,8 @@ def probe_trajectories(groups: list[dict], path: Path) -> bool:
         for g in sorted(lines, key=lambda g: (g["dataset"], g["info_type"])):
             xs = [i for i, h in enumerate(HOOKS) if g[h] is not None]
             label = g["info_type"] if len({x["dataset"] for x in lines}) == 1 else f"{g['info_type']} ({g['dataset']})"
-            ax.errorbar(xs, [g[HOOKS[i]] for i in xs], yerr=[g[f"{HOOKS[i]}_std"] for i in xs], marker="o",
-                        capsize=2, linewidth=1.2, label=label)
+            ax.errorbar(xs, [g[HOOKS[i]] for i in xs], yerr=[_nan_if_none(g[f"{HOOKS[i]}_std"]) for i in xs],
+                        marker="o", capsize=2, linewidth=1.2, label=label)
         ax.set_xticks(range(len(HOOKS)))
         ax.set_xticklabels(["encoder", "adapter", "LLM layer", "LLM final"], fontsize=8)
         ax.set_ylim(0, 1.02)

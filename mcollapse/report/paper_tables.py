@@ -262,7 +262,7 @@ def ablation_table(runs: RunSet) -> Table:
                           "over speakers and sentences; frac_of_swap = ΔLoss / ΔLoss of swapping the whole input for "
                           "another sample's (far above 1: damage from leaving the distribution); class_effect = "
                           "ΔLoss beyond the dose-response curve of random mode subsets at the same variance removed; "
-                          "`matched:X` = dose-matched random subspaces of X's dimension; t, p: paired t-test.",
+                          "`random_matched:X` = dose-matched random subspaces of X's dimension; t, p: paired t-test.",
                   digits={"variance_removed_pct": 1, "variance_removed_token_pct": 1, "delta_pct": 2, "t": 2,
                           "frac_of_swap": 3})
     for run in sorted(runs.of("ablation"), key=_order):
@@ -343,8 +343,8 @@ def isotropy_table(runs: RunSet) -> Table:
 
 def swap_table(runs: RunSet) -> Table:
     columns = ["model", "dataset", "seed", "target", "group_by", "subspace", "n_modes", "kl", "delta_ce",
-               "delta_ce_ci_low", "delta_ce_ci_high", "delta_ce_pct", "frac_of_all", "delta_ce_t", "delta_ce_p", "shift",
-               "kl_per_unit2", "n_samples", "source"]
+               "delta_ce_ci_low", "delta_ce_ci_high", "delta_ce_pct", "frac_of_all", "delta_ce_t", "delta_ce_p",
+               "shift", "kl_per_unit2", "n_samples", "source"]
     table = Table("msswap", "Swapping a sample's position in the MS / TA subspace", columns,
                   caption="Each sample's mean component in the subspace replaced by another `group_by` group's mean; "
                           "KL(p_base ‖ p_swap) over answer positions and the loss change under the row's `target` "

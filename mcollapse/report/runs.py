@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import glob
 import json
+import numbers
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +47,8 @@ class RunSet:
     runs: list[Run]
     root: Path
     failed: list[tuple[str, str]] = field(default_factory=list)  # (dir, error)
-    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (dir, error) of a broken results.json
+    dropped_rows: list[tuple[str, int, str]] = field(default_factory=list)  # (dir, rows dropped, why)
 
     def of(self, experiment: str) -> list[Run]:
         return [r for r in self.runs if r.experiment == experiment]
@@ -119,6 +122,39 @@ def _read_results(path: Path) -> dict:
     return payload
 
 
+ROW_FIELDS = ("hook", "info_type", "metric", "value")  # what the tables read from every row
+
+
+def _row_problem(row) -> str | None:
+    """Why a results row cannot be read into a table, or None."""
+    if not isinstance(row, dict):
+        return f"a {type(row).__name__}, not an object"
+    missing = [name for name in ROW_FIELDS if name not in row]
+    if missing:
+        return f"no {', '.join(missing)}"
+    value = row["value"]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+        return f"value {value!r} is not a number"
+    return None
+
+
+def _usable_rows(rows: list) -> tuple[list[dict], Counter]:
+    """The rows a table can read, and why the others were dropped (counted, so the report says so)."""
+    kept, dropped = [], Counter()
+    for row in rows:
+        problem = _row_problem(row)
+        if problem is None:
+            kept.append(row)
+        else:
+            dropped[problem] += 1
+    return kept, dropped
+
+
+def _describe_drops(dropped: Counter) -> str:
+    return "; ".join(f"{n} with {why}" if why.startswith("no ") else f"{n}: {why}"
+                     for why, n in dropped.most_common(3))
+
+
 def load_runs(specs: list[str] | str) -> RunSet:
     """Every finished run under `specs` (dirs, run dirs or globs), the failed ones listed apart."""
     if isinstance(specs, str):
@@ -131,22 +167,25 @@ def load_runs(specs: list[str] | str) -> RunSet:
     root = Path(os.path.commonpath(anchors)) if anchors else Path.cwd()
     if root.is_file():
         root = root.parent
-    runs, unreadable = [], []
+    runs, unreadable, dropped_rows = [], [], []
     for run_dir in done:
         try:
             payload = _read_results(run_dir / RESULTS)
             experiment = payload["experiment"]
         except (OSError, ValueError) as err:
-            unreadable.append((str(run_dir), f"{type(err).__name__}: {err}"))
+            unreadable.append((run_dir, f"{type(err).__name__}: {err}"))
             continue
         if experiment in OWN_EXPERIMENTS:
             continue
+        rows, dropped = _usable_rows(payload.get("rows", []))
+        if dropped:
+            dropped_rows.append((_relative(run_dir, root), sum(dropped.values()), _describe_drops(dropped)))
         model, settings, seed = _settings(run_dir)
         runs.append(Run(
             path=run_dir, experiment=experiment, model=_model_label(payload["model"], model.get("lora")),
             dataset=payload["dataset"], family=model.get("family"), modality=model.get("modality"),
             seed=seed, settings=settings,
-            summary=payload.get("summary", {}), rows=payload.get("rows", []), counts=payload.get("counts", {}),
+            summary=payload.get("summary", {}), rows=rows, counts=payload.get("counts", {}),
             source=_relative(run_dir, root)))
     failed = []
     for run_dir in failed_dirs:
@@ -155,7 +194,7 @@ def load_runs(specs: list[str] | str) -> RunSet:
         except (OSError, ValueError) as err:
             error = f"unreadable {FAILED}: {err}"
         failed.append((_relative(run_dir, root), error))
-    return RunSet(runs, root, failed, [(_relative(Path(d), root), e) for d, e in unreadable])
+    return RunSet(runs, root, failed, [(_relative(path, root), e) for path, e in unreadable], dropped_rows)
 
 
 def _relative(path: Path, root: Path) -> str:

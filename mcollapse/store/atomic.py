@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mcollapse.store.space import full_disk_in_one_line
+
 TMP_PREFIX = ".tmp-"
 
 
@@ -58,19 +60,21 @@ def tmp_name(final_path: Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_path(final_path: Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it is published as `final_path`, else removed."""
+    """Yield a temporary path to write; on success it is published as `final_path`, else removed.
+    A full disk ends in one line (`StoreFull`)."""
     final_path = Path(final_path)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(final_path)
-    try:
-        yield tmp
-        publish(tmp, final_path)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
+    with full_disk_in_one_line(final_path):
+        final_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_name(final_path)
+        try:
+            yield tmp
+            publish(tmp, final_path)
+        except BaseException:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            raise
 
 
 def write_text(path: Path, text: str, encoding: str = "utf-8") -> None:
@@ -98,13 +102,14 @@ def publish_dir(target: Path, build: Callable[[Path], None]) -> None:
     for stale in target.parent.glob(f"{TMP_PREFIX}*-{target.name}"):
         shutil.rmtree(stale, ignore_errors=True)
     staging = tmp_name(target)
-    staging.mkdir()
-    try:
-        build(staging)
-        _fsync_tree(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with full_disk_in_one_line(target):
+        staging.mkdir()
+        try:
+            build(staging)
+            _fsync_tree(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     old = tmp_name(target) if target.exists() else None
     if old is not None:
         os.replace(target, old)

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mcollapse.store.atomic import publish_dir
+from mcollapse.store.checked import Unreadable, check_tree
+from mcollapse.store.entry import quarantine
 from mcollapse.store.lock import lock
 
 
@@ -28,15 +30,21 @@ def shareable(root: Path) -> None:
 
 
 def build_once(target: Path, build: Callable[[Path], None], is_complete: Callable[[Path], bool],
-               what: str) -> bool:
+               what: str, cache_dir: Path | None = None) -> bool:
     """Make `target` hold what `build(staging)` writes, unless `is_complete(target)`; returns
-    whether it built. Concurrent callers build once: the others wait on the lock, then find it."""
+    whether it built. Concurrent callers build once: the others wait on the lock, then find it.
+
+    With `cache_dir`, a complete target with a file that does not open (a truncated safetensors,
+    a garbage config.json) is moved to its quarantine and built again."""
     target = Path(target)
-    if is_complete(target):
+    if is_complete(target) and not _broken(target, cache_dir):
         return False
     with lock(target.with_name(f".{target.name}.lock"), what):
         if is_complete(target):
-            return False
+            broken = _broken(target, cache_dir)
+            if not broken:
+                return False
+            quarantine(cache_dir, target, f"{what}: {'; '.join(b.reason + ' in ' + b.path.name for b in broken)}")
 
         def staged(staging: Path) -> None:
             build(staging)
@@ -44,3 +52,9 @@ def build_once(target: Path, build: Callable[[Path], None], is_complete: Callabl
 
         publish_dir(target, staged)
     return True
+
+
+def _broken(target: Path, cache_dir: Path | None) -> list[Unreadable]:
+    """The files of a built directory that do not open, by the quick checks (what a truncation or a
+    garbage write breaks; nothing is loaded); none unless the caller gave a cache to quarantine to."""
+    return check_tree(target, thorough=False) if cache_dir is not None else []

@@ -1,8 +1,8 @@
 """Keys and digests: what makes two cached artifacts the same.
 
 A key is a short sha256 of the canonical JSON of its fields; media are identified by their content
-(hashed again only when a file's size or mtime changes) and texts by a digest of the texts, so an
-overwritten clip or an edited transcript never reuses stale entries.
+(hashed again whenever a file's size, mtime, inode or ctime changes) and texts by a digest of the
+texts, so an overwritten, swapped or restored clip or an edited transcript never reuses stale entries.
 """
 
 from __future__ import annotations
@@ -63,11 +63,27 @@ def texts_digest(texts) -> str:
     return digest.hexdigest()[:16]
 
 
-class ContentDigests:
-    """sha256 of media files, hashed again only when a file's (size, mtime_ns) changes.
+def stat_signature(stat: os.stat_result) -> list[int]:
+    """What must be unchanged for a memoised digest to stand (see `ContentDigests`)."""
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
 
-    Overwriting a clip with other bytes of the same size changes its mtime, hence a new hash and a
-    new key. With `memo_path` the digests persist across runs (a read-only store just rehashes)."""
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ContentDigests:
+    """sha256 of media files, hashed again only when a file's stat signature changes.
+
+    The signature is (size, mtime_ns, inode, ctime_ns). Size and mtime alone can be fooled: two
+    same-size clips swapped with `mv` keep their mtimes, and `cp -p` or `rsync -a` restore the
+    mtime after a same-size edit. Every write, rename or `tar -x` gives a new ctime (which user
+    space cannot set back) or a new inode, so any of them means a new hash and a new key. With
+    `memo_path` the digests persist across runs (a read-only store just rehashes)."""
 
     def __init__(self, memo_path: Path | None = None):
         self.memo_path = Path(memo_path) if memo_path else None
@@ -78,20 +94,19 @@ class ContentDigests:
                 self._memo = json.loads(self.memo_path.read_text())
             except (OSError, ValueError):
                 self._memo = {}  # an unreadable memo only costs a rehash
+            if not isinstance(self._memo, dict):
+                self._memo = {}
 
     def __call__(self, path: Path) -> str:
-        stat = Path(path).stat()
-        name = os.fspath(Path(path).resolve())
+        signature = stat_signature(os.stat(path))
+        name = os.path.abspath(path)  # not resolve(): 5x the stat's cost, and stat follows links anyway
         found = self._memo.get(name)
-        if found and found[0] == stat.st_size and found[1] == stat.st_mtime_ns:
-            return found[2]
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while block := handle.read(_HASH_BLOCK):
-                digest.update(block)
-        self._memo[name] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+        if isinstance(found, list) and found[:-1] == signature:
+            return found[-1]
+        digest = file_sha256(path)
+        self._memo[name] = [*signature, digest]
         self._changed = True
-        return digest.hexdigest()
+        return digest
 
     def save(self) -> None:
         if self.memo_path is None or not self._changed:

@@ -8,14 +8,12 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from mcollapse.store import digest
 from mcollapse.store.atomic import TMP_PREFIX
+from mcollapse.store.checked import Unreadable, check_tree, read_json_object, read_npz_member
 from mcollapse.store.kinds import KINDS, Kind
 from mcollapse.store.shards import ENTRY_FILE, SHARD_PATTERN
 
@@ -56,11 +54,11 @@ def _modified(path: Path) -> float:
 
 
 def _read_json(path: Path) -> dict:
+    """An entry's own record, or {} (absent or unreadable: `problems` names it)."""
     try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json_object(path)
+    except (Unreadable, OSError):
         return {}
-    return found if isinstance(found, dict) else {}
 
 
 def _dataset_name(value) -> str | None:
@@ -105,10 +103,11 @@ def _describe(kind: Kind, path: Path) -> tuple[str | None, str | None, dict]:
         return record.get("model"), _dataset_name(record.get("dataset")), record
     if path.suffix == ".npz":
         try:
-            with np.load(path, allow_pickle=False) as data:
-                meta = json.loads(str(data["meta_json"])) if "meta_json" in data.files else {}
-        except (OSError, ValueError, zipfile.BadZipFile):
+            stored = read_npz_member(path, "meta_json")
+            meta = json.loads(str(stored)) if stored is not None else {}
+        except (Unreadable, ValueError):
             meta = {}
+        meta = meta if isinstance(meta, dict) else {}
         return meta.get("model"), _dataset_name(meta.get("dataset")), meta
     return None, None, {}
 
@@ -138,44 +137,27 @@ def inventory(cache_dir: Path, data_root: Path | None = None, kinds: list[str] |
     return items
 
 
+_SHARDED_KINDS = ("gradients", "ablation", "msswap", "gmi_scores", "skip")
+
+
 def problems(item: Item) -> list[str]:
-    """What is wrong with an entry: unreadable files, missing shards, a key its fields do not give."""
-    found = []
+    """What is wrong with an entry: files that do not open, missing shards, a key its fields do not
+    give. Every file of the entry is opened and read through the store's checked readers."""
+    unreadable = check_tree(item.path)
+    found = [f"unreadable {_name_in(item, broken.path)}: {broken.reason}" for broken in unreadable]
     fields = item.record.get("key_fields") or item.record.get("fields")
     if item.kind in ("activations", "sequences", "gradients", "ablation", "msswap") and isinstance(fields, dict):
         expected = digest.key({**fields, "kind": _SEQUENCE_KIND} if item.kind == "sequences" else fields)
         if expected != item.key:
             found.append(f"key {item.key} does not match its recorded fields ({expected})")
+    if unreadable:
+        return found
     if item.kind == "activations":
         found += _activation_problems(item.path)
-    elif item.kind == "sequences":
-        for array in item.path.glob("*.npy"):
-            try:
-                np.load(array)
-            except (OSError, ValueError, EOFError):
-                found.append(f"unreadable {array.name}")
-    elif item.kind in ("gradients", "ablation", "msswap"):
-        n = item.record.get("n_batches")
-        for b in range(n or 0):
-            shard = item.path / SHARD_PATTERN.format(b)
-            if not shard.is_file():
-                found.append(f"missing {shard.name}")
-                continue
-            try:
-                with np.load(shard) as data:
-                    [data[name] for name in data.files]
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-                found.append(f"unreadable {shard.name}")
-        if n is None:
-            found.append(f"no {ENTRY_FILE} recording its batch count")
+    elif item.kind in _SHARDED_KINDS:
+        found += _shard_problems(item)
     elif item.kind == "modes":
-        from mcollapse.analysis.modes import load_basis
-        from mcollapse.errors import UserError
-
-        try:
-            load_basis(item.path)
-        except UserError as error:
-            found.append(str(error))
+        found += _basis_problems(item.path)
     elif item.kind == "lipschitz_summary":
         missing = [k for k in ("L_mean", "L_p95") if k not in item.record]
         if missing:
@@ -183,6 +165,31 @@ def problems(item: Item) -> list[str]:
     elif item.kind == "checkpoints" and not (item.path / "config.json").is_file():
         found.append("no config.json")
     return found
+
+
+def _name_in(item: Item, path: Path) -> str:
+    return path.name if path == item.path else str(path.relative_to(item.path))
+
+
+def _shard_problems(item: Item) -> list[str]:
+    """Shards a pass's entry.json counts but the directory lacks. A directory with no shards and no
+    count is not a pass (ablation keeps its fitted constants in one)."""
+    n = item.record.get("n_batches")
+    if n is None:
+        return [f"no {ENTRY_FILE} recording its batch count"] if any(item.path.glob("batch-*.npz")) else []
+    return [f"missing {SHARD_PATTERN.format(b)}" for b in range(n)
+            if not (item.path / SHARD_PATTERN.format(b)).is_file()]
+
+
+def _basis_problems(path: Path) -> list[str]:
+    from mcollapse.analysis.modes import load_basis
+    from mcollapse.errors import UserError
+
+    try:
+        load_basis(path)
+    except UserError as error:
+        return [str(error)]
+    return []
 
 
 def _activation_problems(path: Path) -> list[str]:
@@ -198,10 +205,21 @@ def _activation_problems(path: Path) -> list[str]:
             for hook in json.loads(f.attrs["hooks"]):
                 if f["vectors"][hook].shape[0] != n:
                     return [f"hook {hook} has {f['vectors'][hook].shape[0]} rows for {n} ids"]
-                f["vectors"][hook][()]
     except (OSError, KeyError, ValueError) as error:
         return [f"unreadable activations.h5: {error}"]
     return []
+
+
+_BUILT_KINDS = ("checkpoints", "datasets", "variants")  # built by store.build.build_once
+
+
+def lock_file(item: Item) -> Path:
+    """The lock its writers hold: build_once's beside a built directory, else the entry's own."""
+    if item.kind in _BUILT_KINDS:
+        return item.path.with_name(f".{item.path.name}.lock")
+    if item.path.is_file():
+        return item.path.with_name(f"{item.key}.lock")
+    return item.path / ".lock"
 
 
 def remove(item: Item) -> None:

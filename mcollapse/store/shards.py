@@ -4,14 +4,14 @@ continues where it stopped and concurrent jobs running the same pass compute eac
 from __future__ import annotations
 
 import logging
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from mcollapse.progress import progress_bar
 from mcollapse.store.atomic import write_json, write_npz
-from mcollapse.store.entry import quarantine
+from mcollapse.store.checked import read_npz
+from mcollapse.store.entry import read_or_quarantine
 from mcollapse.store.lock import lock
 
 log = logging.getLogger(__name__)
@@ -21,14 +21,9 @@ SHARD_PATTERN = "batch-{:05d}.npz"
 
 def _load(shard: Path, cache_dir: Path | None):
     """A shard's arrays, or None (moved aside, to be computed again) when it cannot be read."""
-    try:
-        with np.load(shard) as data:
-            return {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        if cache_dir is None:
-            raise
-        quarantine(cache_dir, shard, error)
-        return None
+    if cache_dir is None:
+        return read_npz(shard)
+    return read_or_quarantine(cache_dir, shard, read_npz)
 
 
 ENTRY_FILE = "entry.json"

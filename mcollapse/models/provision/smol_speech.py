@@ -99,7 +99,8 @@ def ensure_smol_speech(
         info["params"] = _build_params(window_seconds, projector_seed)
         (staging / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
-    if build_once(target, build, lambda path: (path / BUILD_INFO_FILE).is_file(), f"smol_speech checkpoint {target}"):
+    if build_once(target, build, lambda path: (path / BUILD_INFO_FILE).is_file(), f"smol_speech checkpoint {target}",
+                  cache_dir=cache_dir):
         logger.info("Built smol_speech in %.0f s at %s", built["seconds"], target)
     return target
 

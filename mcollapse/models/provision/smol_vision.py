@@ -88,7 +88,8 @@ def ensure_smol_vision(cache_dir: Path, projector_seed: int = 0) -> Path:
         info["params"] = _build_params(projector_seed)
         (staging / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
-    if build_once(target, build, lambda path: (path / BUILD_INFO_FILE).is_file(), f"smol_vision checkpoint {target}"):
+    if build_once(target, build, lambda path: (path / BUILD_INFO_FILE).is_file(), f"smol_vision checkpoint {target}",
+                  cache_dir=cache_dir):
         logger.info("Built smol_vision in %.0f s at %s", built["seconds"], target)
     return target
 

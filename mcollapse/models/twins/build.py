@@ -125,5 +125,5 @@ def ensure_tiny_checkpoint(name: str, cache_dir: Path) -> Path:
         with quiet_progress_bars():
             BUILDERS[name](staging)
 
-    build_once(target, build, Path.is_dir, f"tiny checkpoint {target.name}")
+    build_once(target, build, Path.is_dir, f"tiny checkpoint {target.name}", cache_dir=cache_dir)
     return target
