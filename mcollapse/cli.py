@@ -23,9 +23,10 @@ from omegaconf import DictConfig
 from mcollapse.config import register, validate
 from mcollapse.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError
 from mcollapse.experiments import experiment_module
+from mcollapse.interrupt import close as close_interrupts
 from mcollapse.interrupt import install as route_ctrl_c
-from mcollapse.interrupt import requested as ctrl_c_requested
 from mcollapse.report.runs import FAILED
+from mcollapse.run_dir import check_writable
 from mcollapse.runtime import release_memory, seed_everything, set_threads
 
 log = logging.getLogger("mcollapse")
@@ -42,6 +43,26 @@ def config_dir() -> str:
         if (candidate / "config.yaml").is_file():
             return str(candidate)
     raise RuntimeError("mcollapse configs not found; the installation is incomplete")
+
+
+class RunDirCheck(Callback):
+    """Before Hydra creates the run (or sweep) dir: one line, exit 2, when it cannot be written
+    (a path through a file, a read-only directory) instead of Hydra's traceback. A callback's
+    exception would be turned into a warning, so it exits itself."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(run_dir) -> None:
+        try:
+            check_writable(Path(str(run_dir)))
+        except UserError as error:
+            print(f"mcollapse: error: {error}", file=sys.stderr)
+            sys.exit(error.exit_code)
 
 
 class SweepFailureReport(Callback):
@@ -113,10 +134,14 @@ def _app(cfg: DictConfig) -> None:
         release_memory()
 
 
-def _exit_interrupted() -> None:
+def _interrupted_line() -> str:
     where = f" in {_cache_dir}" if _cache_dir else ""
-    print(f"mcollapse: interrupted; every finished cache entry, shard and batch is saved{where}, "
-          "and re-running the same command resumes from them", file=sys.stderr, flush=True)
+    return (f"mcollapse: interrupted; every finished cache entry, shard and batch is saved{where}, "
+            "and re-running the same command resumes from them")
+
+
+def _exit_interrupted() -> None:
+    print(_interrupted_line(), file=sys.stderr, flush=True)
     sys.exit(EXIT_INTERRUPTED)
 
 
@@ -130,7 +155,7 @@ def main() -> None:
         if exit_.code == EXIT_FAILED and not _job_started:  # Hydra printed why the config did not compose
             sys.exit(EXIT_USER_ERROR)
         raise
-    if ctrl_c_requested():  # pressed after the last safe point: the work finished, the exit says it was asked to stop
+    if close_interrupts(_interrupted_line()):  # pressed after the last safe point: the exit says it was asked to stop
         _exit_interrupted()
     if _failed_jobs:
         print(f"mcollapse: {len(_failed_jobs)} sweep job(s) failed:", file=sys.stderr)

@@ -17,6 +17,7 @@ import threading
 
 _requested = False
 _installed = False
+_closing_line: str | None = None  # set once the run's outcome is decided: a later Ctrl-C exits at once
 
 
 class Interrupted(KeyboardInterrupt):
@@ -25,6 +26,9 @@ class Interrupted(KeyboardInterrupt):
 
 def _handle(signum, frame) -> None:
     global _requested
+    if _closing_line is not None:  # the work is done and written: nothing is left to stop cleanly
+        print(_closing_line, file=sys.stderr, flush=True)
+        os._exit(130)
     if _requested:
         print("mcollapse: interrupted again; stopping now (every published cache entry and shard is intact)",
               file=sys.stderr, flush=True)
@@ -57,7 +61,16 @@ def checkpoint() -> None:
         raise Interrupted()
 
 
+def close(line: str) -> bool:
+    """The run's outcome is being decided: from now on a Ctrl-C prints `line` and exits 130 at once.
+    Returns whether one was requested before; called first, then checked, so no signal falls between."""
+    global _closing_line
+    _closing_line = line
+    return _requested
+
+
 def reset() -> None:
     """Forget a handled request (a test or an API caller running several jobs in one process)."""
-    global _requested
+    global _requested, _closing_line
     _requested = False
+    _closing_line = None

@@ -104,3 +104,15 @@ def test_the_entry_point_routes_sigint_before_the_heavy_imports():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          env={**os.environ}, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert out.stdout.split() == ["_handle", "False"]
+
+
+def test_a_ctrl_c_after_the_outcome_is_decided_still_exits_130():
+    """The window between the run's last check and the interpreter's exit: the work is written,
+    so the handler prints the closing line and exits 130 at once."""
+    script = ("import os, signal, time; from mcollapse import interrupt; interrupt.install(); "
+              "assert interrupt.close('mcollapse: interrupted; closing') is False; "
+              "os.kill(os.getpid(), signal.SIGINT); time.sleep(30); print('not reached')")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert proc.returncode == 130 and "not reached" not in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == "mcollapse: interrupted; closing"
