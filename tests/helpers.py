@@ -11,6 +11,7 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
+import soundfile
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
@@ -39,6 +40,16 @@ def audio_samples(seconds: list[float], seed: int = 0) -> list[Sample]:
         wave = 0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t) + 0.05 * rng.standard_normal(t.size)
         record = Record(id=f"a{i}", path=Path(f"a{i}.wav"), modality="audio", text=f"sample number {i}")
         out.append(Sample(record, audio=wave.astype(np.float32)))
+    return out
+
+
+def wav_records(directory: Path, seconds: list[float], seed: int = 0) -> list[Record]:
+    """audio_samples written as 16 kHz wav files in `directory`, as the records a loader yields."""
+    out = []
+    for sample in audio_samples(seconds, seed):
+        path = Path(directory) / f"{sample.id}.wav"
+        soundfile.write(path, sample.audio, 16_000)
+        out.append(Record(id=sample.id, path=path, modality="audio", text=sample.record.text))
     return out
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import filelock
 import numpy as np
 import pytest
-import soundfile
 
 from mcollapse.data.base import Record
 from mcollapse.extraction.extract import extract_modal, extract_text
@@ -24,7 +23,7 @@ from mcollapse.models import load_model
 from mcollapse.models.twins import ensure_tiny_checkpoint
 from mcollapse.report.runs import load_runs
 from mcollapse.store.lock import ReadOnlyStore
-from tests.helpers import audio_samples, mcollapse, model_cfg, only_run_dir
+from tests.helpers import mcollapse, model_cfg, only_run_dir, wav_records
 
 DATASET = {"name": "clips", "fingerprint": "f" * 16}
 SMALL = ["model=tiny_qwen2audio", "dataset=synthetic_speech", "dataset.generate_options.n_speakers=4",
@@ -42,12 +41,7 @@ def family(cache_dir):
 
 @pytest.fixture()
 def records(tmp_path):
-    out = []
-    for sample in audio_samples([0.8, 1.2, 1.4, 1.0]):
-        path = tmp_path / f"{sample.id}.wav"
-        soundfile.write(path, sample.audio, 16_000)
-        out.append(Record(id=sample.id, path=path, modality="audio", text=sample.record.text))
-    return out
+    return wav_records(tmp_path, [0.8, 1.2, 1.4, 1.0])
 
 
 def test_edited_texts_recompute_the_text_activations(family, records, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -77,6 +78,14 @@ def test_decoder_experiments_share_sequences_modes_and_gradients(tmp_path, env, 
     assert header.startswith("sample_id,loss_baseline,loss_swap/draw0")
     for name in ("ablation.png", "dose_response.png", "dose_response.csv"):
         assert (abl_run / name).is_file()
+    assert "optimal_fit" in json.loads((abl_run / "meta.json").read_text())["stage_seconds"]
+    shutil.move(str(abl_run), str(tmp_path / "first_ablation"))  # the re-run reads the store, fits nothing
+    run_experiment(["experiment=ablation", *args, "experiment.n_random=3", "experiment.ms_k=[1]", *choice,
+                    "experiment.n_matched=3", "experiment.n_dose=6", "experiment.optimal_steps=3"], tmp_path, env)
+    rerun, again = _summary(tmp_path, "ablation", model, dataset)
+    assert "optimal_fit" not in json.loads((rerun / "meta.json").read_text())["stage_seconds"]
+    assert again["counts"]["ablation_batches_from_cache"] == again["counts"]["ablation_batches"]
+    assert again["summary"]["conditions"] == summary["conditions"]
 
     run_experiment(["experiment=msswap", *args, f"experiment.group_by={group}", "experiment.n_draws=2", *choice],
                    tmp_path, env)

@@ -47,11 +47,10 @@ def _speakers():
     return np.repeat(np.arange(N // 4), 4)
 
 
-def test_a_position_pattern_is_not_information():
-    """(a) The decoder wants a fixed, sample-independent pattern p_t along S and reads nothing
-    sample-specific: centred ablation of S destroys the pattern (a large loss), while resampling S
-    and swapping the whole input cost about nothing."""
-    rng = np.random.default_rng(0)
+def _pattern_decoder(seed: int):
+    """Inputs whose component along S is a fixed position pattern p_t plus small noise, and a decoder
+    whose loss is the distance of that component from p_t: it wants the pattern, no sample's values."""
+    rng = np.random.default_rng(seed)
     pattern = rng.normal(0, 3.0, size=(T, 2))
     arrays = []
     for _ in range(N):
@@ -63,6 +62,14 @@ def test_a_position_pattern_is_not_information():
     def score(zs, rows):
         return torch.stack([-((z[:, S] - target) ** 2).sum() for z in zs])
 
+    return arrays, score
+
+
+def test_a_position_pattern_is_not_information():
+    """(a) The decoder wants a fixed, sample-independent pattern p_t along S and reads nothing
+    sample-specific: centred ablation of S destroys the pattern (a large loss), while resampling S
+    and swapping the whole input cost about nothing."""
+    arrays, score = _pattern_decoder(seed=0)
     rows, out = _run(arrays, score, S, variants=("resample", "position_mean", "centred", "uncentred"))
     centred, resample = rows[("ms_all", "centred")], rows[("ms_all", "resample")]
     assert centred["delta_loss"] > 50 * max(abs(resample["delta_loss"]), 1e-3)
@@ -136,18 +143,7 @@ def test_c_a_decoder_that_only_counts_variance_puts_ms_and_ta_on_the_random_curv
 
 
 def test_optimal_ablation_is_no_worse_than_centred_and_fitted_on_other_samples():
-    rng = np.random.default_rng(3)
-    pattern = rng.normal(0, 3.0, size=(T, 2))
-    arrays = []
-    for _ in range(N):
-        z = rng.normal(0, 1.0, size=(T, D))
-        z[:, S] = pattern + rng.normal(0, 0.1, size=(T, 2))
-        arrays.append(z.astype(np.float32))
-    target = torch.as_tensor(pattern, dtype=torch.float32)
-
-    def score(zs, rows):
-        return torch.stack([-((z[:, S] - target) ** 2).sum() for z in zs])
-
+    arrays, score = _pattern_decoder(seed=3)
     rows, _ = _run(arrays, score, S, variants=("optimal", "centred", "resample"), optimal_steps=300)
     optimal, centred = rows[("ms_all", "optimal")], rows[("ms_all", "centred")]
     assert optimal["n"] == N - N // 2  # reported on the half that did not fit it

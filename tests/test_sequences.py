@@ -13,7 +13,7 @@ from mcollapse.errors import UserError
 from mcollapse.extraction.extract import extract_modal
 from mcollapse.extraction.sequences import adapter_sequences
 from mcollapse.models import load_model
-from tests.helpers import audio_samples, model_cfg
+from tests.helpers import audio_samples, model_cfg, wav_records
 
 DATASET = {"name": "clips", "fingerprint": "f" * 16}
 
@@ -25,12 +25,7 @@ def family(cache_dir):
 
 @pytest.fixture()
 def records(tmp_path):
-    out = []
-    for sample in audio_samples([0.8, 2.2, 1.4, 3.0, 1.1]):
-        path = tmp_path / f"{sample.id}.wav"
-        soundfile.write(path, sample.audio, 16_000)
-        out.append(Record(id=sample.id, path=path, modality="audio", text=sample.record.text))
-    return out
+    return wav_records(tmp_path, [0.8, 2.2, 1.4, 3.0, 1.1])
 
 
 class _Hook:

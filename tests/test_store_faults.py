@@ -16,11 +16,9 @@ import filelock
 import h5py
 import numpy as np
 import pytest
-import soundfile
 import torch
 from safetensors.torch import save_file
 
-from mcollapse.data.base import Record
 from mcollapse.errors import EXIT_CHECKS_FAILED, EXIT_USER_ERROR, UserError
 from mcollapse.extraction.extract import extract_modal
 from mcollapse.models import load_model
@@ -32,7 +30,7 @@ from mcollapse.run_dir import check_writable
 from mcollapse.store import entry, sharded_pass
 from mcollapse.store.checked import Unreadable, check_file
 from mcollapse.store.space import StoreFull
-from tests.helpers import audio_samples, mcollapse, model_cfg, run_experiment
+from tests.helpers import mcollapse, model_cfg, run_experiment, wav_records
 
 DATASET = {"name": "clips", "fingerprint": "f" * 16}
 SMALL = ["model=tiny_qwen2audio", "dataset=synthetic_speech", "dataset.generate_options.n_speakers=4",
@@ -50,12 +48,7 @@ def family(cache_dir):
 
 @pytest.fixture()
 def records(tmp_path):
-    out = []
-    for sample in audio_samples([0.8, 1.2, 1.4, 1.0]):
-        path = tmp_path / f"{sample.id}.wav"
-        soundfile.write(path, sample.audio, 16_000)
-        out.append(Record(id=sample.id, path=path, modality="audio", text=sample.record.text))
-    return out
+    return wav_records(tmp_path, [0.8, 1.2, 1.4, 1.0])
 
 
 def _truncate(path: Path, keep: float = 0.5) -> None:

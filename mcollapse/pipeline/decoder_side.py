@@ -121,20 +121,9 @@ def scored_ids(inputs: DecoderInputs, target: str, n: int | None, rec: RunRecord
 
     With `record`, the chosen ids go to `scored_ids.txt` in the run dir and their digest and
     speaker count into the summary (`record=False` for a secondary draw, such as gmi's L_log set)."""
-    ids = inputs.with_text() if target == "content" else list(inputs.sequences.ids)
-    if target == "content" and record:
-        rec.counts["n_without_text_skipped"] = len(inputs.sequences.ids) - len(ids)
-    if not ids:
-        raise UserError("no sample has a transcript/caption, so target=content has nothing to score "
-                        "(target=reference scores the prompt instead)")
-    cut = [i for i in ids if i in inputs.cut_ids] if target == "content" and not inputs.keep_cut_clips else []
+    ids, skipped = scorable(inputs, target)
     if record:
-        rec.counts["n_cut_clips_skipped"] = len(cut)
-    if cut:
-        ids = [i for i in ids if i not in inputs.cut_ids]
-        if not ids:
-            raise UserError(f"all {len(cut)} clips with a transcript are longer than the audio window; "
-                            "target.keep_cut_clips=true scores them against their full transcripts anyway")
+        rec.counts.update(skipped)
     if among is not None:
         ids = [i for i in ids if i in among]
     chosen = _draw(inputs, ids, n)
@@ -172,12 +161,25 @@ class Modes:
     text_ids: list[str]
 
 
-def scorable(inputs: DecoderInputs, target: str) -> list[str]:
-    """The usable samples a target can score: under content those with a transcript/caption whose
-    clip the audio window did not cut (unless target.keep_cut_clips); under reference all."""
+def scorable(inputs: DecoderInputs, target: str) -> tuple[list[str], dict[str, int]]:
+    """The usable samples a target can score, and the counts of those it cannot: under content,
+    samples with a transcript/caption whose clip the audio window did not cut (unless
+    target.keep_cut_clips); under reference, all. No scorable sample is a one-line error."""
     if target != "content":
-        return list(inputs.sequences.ids)
-    return [i for i in inputs.with_text() if inputs.keep_cut_clips or i not in inputs.cut_ids]
+        return list(inputs.sequences.ids), {"n_cut_clips_skipped": 0}
+    ids = inputs.with_text()
+    skipped = {"n_without_text_skipped": len(inputs.sequences.ids) - len(ids)}
+    if not ids:
+        raise UserError("no sample has a transcript/caption, so target=content has nothing to score "
+                        "(target=reference scores the prompt instead)")
+    cut = [i for i in ids if i in inputs.cut_ids] if not inputs.keep_cut_clips else []
+    skipped["n_cut_clips_skipped"] = len(cut)
+    if cut:
+        ids = [i for i in ids if i not in inputs.cut_ids]
+        if not ids:
+            raise UserError(f"all {len(cut)} clips with a transcript are longer than the audio window; "
+                            "target.keep_cut_clips=true scores them against their full transcripts anyway")
+    return ids, skipped
 
 
 def modes(inputs: DecoderInputs, rec: RunRecorder, n_modes: int, ms_threshold: float,
@@ -242,7 +244,7 @@ def shared_modes(cfg, inputs: DecoderInputs, rec: RunRecorder) -> Modes:
     """The eigenbasis of the modes group's settings, the one every experiment on the modes reads."""
     settings = cfg.modes
     return modes(inputs, rec, settings.n_modes, settings.ms_threshold, tuple(settings.thresholds),
-                 rho_normalization=settings.rho_normalization, fit_ids=scorable(inputs, cfg.target.name))
+                 rho_normalization=settings.rho_normalization, fit_ids=scorable(inputs, cfg.target.name)[0])
 
 
 def eigenbasis_for(cfg, inputs: DecoderInputs, rec: RunRecorder):

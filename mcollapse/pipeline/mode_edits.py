@@ -3,7 +3,6 @@ select the samples, load the eigenbasis, then one cached, sharded pass over batc
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,8 @@ from mcollapse.pipeline.inputs import Selection, recorder, selected_records
 from mcollapse.report.output import RunRecorder
 from mcollapse.store import entry, ids_digest, sharded_pass
 from mcollapse.store.atomic import write_json, write_npz
+from mcollapse.store.checked import read_npz
+from mcollapse.store.entry import read_or_quarantine
 
 
 @dataclass
@@ -65,25 +66,23 @@ def cached_constants(cfg, run: ModeEditRun, ids: list[str], plan_key: str, setti
     found = entry(inputs.cache_dir, "ablation", fields)
     path = found.path / CONSTANTS_FILE
 
-    def read():
-        try:
-            with np.load(path) as data:
-                names = sorted({key.split("__")[0] for key in data.files})
-                return {n: {"constant": data[f"{n}__constant"], "curve": data[f"{n}__curve"].tolist()} for n in names}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-            found.quarantine(path, error)
-            return None
+    def unpack(arrays: dict) -> dict[str, dict]:
+        names = sorted({key.split("__")[0] for key in arrays})
+        return {n: {"constant": arrays[f"{n}__constant"], "curve": arrays[f"{n}__curve"].tolist()} for n in names}
 
-    if path.is_file() and (done := read()) is not None:
+    def read():  # a broken copy is quarantined (None): fitted again
+        found_arrays = read_or_quarantine(inputs.cache_dir, path, read_npz)
+        return None if found_arrays is None else unpack(found_arrays)
+
+    if (done := read()) is not None:
         return done
     with run.rec.stage("optimal_fit"), found.lock():
-        if path.is_file() and (done := read()) is not None:
+        if (done := read()) is not None:  # another job fitted them while this one waited
             return done
-        fitted = fit()
         arrays = {}
-        for name, f in fitted.items():
+        for name, f in fit().items():
             arrays[f"{name}__constant"] = np.asarray(f["constant"])
             arrays[f"{name}__curve"] = np.asarray(f["curve"], dtype=np.float64)
         write_json(found.path / "entry.json", {"key": found.key, "fields": fields}, default=str)
         write_npz(path, **arrays)
-    return {n: {"constant": np.asarray(f["constant"]), "curve": list(f["curve"])} for n, f in fitted.items()}
+    return unpack(arrays)
