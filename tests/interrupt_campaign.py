@@ -49,13 +49,15 @@ def run(argv: list[str], cwd: Path, env: dict, log: Path, interrupt_after: float
     if pid == 0:  # the child: a fresh `mcollapse ARGV` as far as the process can tell
         code = 1
         try:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.chdir(cwd)
-            os.environ.clear()
-            os.environ.update(env)
             out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(out, 1)
             os.dup2(out, 2)
+            os.chdir(cwd)
+            os.environ.clear()
+            os.environ.update(env)
+            # the parent ignores SIGINT, so the child catches it only once mcollapse routes it
+            # (the moment the parent waits for); a shell would start the command with the default
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             sys.argv = ["mcollapse", *argv]
             entry_point()
             code = 0
@@ -134,6 +136,9 @@ def fresh_cache(workdir: Path, name: str, models: Path) -> Path:
 
 
 def campaign(spec: dict) -> dict:
+    # Python's own SIGINT handler would be inherited as "caught" by every fork, and the parent
+    # would take that for the child's routing; the parent itself is never sent SIGINT
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     workdir, models = Path(spec["workdir"]), Path(spec["models"])
     rng = random.Random(spec.get("seed", 0))
     argv, patterns = spec["args"], spec["compare"]
